@@ -1,0 +1,21 @@
+"""The fusion passes, in the order they run.
+
+Order matters where one fusion's output is another's input: the post-attention
+epilogue runs before the FFN/PLE tails (a tail recognises the post-attention
+residual either as a plain add or as that fusion's output).
+"""
+
+from __future__ import annotations
+
+from .base import FusionPass
+from .norm_residual import FfnTail, PleTail, PostAttnNorm
+
+FUSION_CLASSES: tuple[type[FusionPass], ...] = (
+    PostAttnNorm,
+    FfnTail,
+    PleTail,
+)
+
+FUSIONS: dict[str, type[FusionPass]] = {cls.name: cls for cls in FUSION_CLASSES}
+
+__all__ = ["FUSIONS", "FUSION_CLASSES", "FusionPass"]

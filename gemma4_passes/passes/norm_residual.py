@@ -1,0 +1,224 @@
+"""Gemma-4's norm-BEFORE-residual layer epilogues.
+
+Gemma-4 norms a sub-block's output and THEN adds it to the residual:
+
+  post_attn_norm:  r = residual + rms(attn, w1);            out = rms(r, w2)
+  ffn_tail:        x = (residual + rms(mlp, w)) * scalar;   out = rms(x, w_next)   [next may be absent]
+  ple_tail:        x = (r + rms(ple_proj, w)) * scalar;     out = rms(x, w_next)   (E2B/E4B)
+
+Each becomes one ``gemma4_passes`` kernel that keeps the row in registers and
+returns both the new residual and the next norm's output. ``ffn_tail`` and
+``ple_tail`` are the same math; they are told apart by the residual they add:
+the FFN tail adds the post-attention residual (which also feeds the
+pre-feedforward norm), the PLE tail adds the FFN tail's result (which feeds
+only the PLE gate GEMM and this add).
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import torch
+from torch.fx import Graph, Node
+
+from .base import FusionPass, GraphEditor, fused_op, log
+from .graph_match import (
+    RmsNorm,
+    binary_operands,
+    dtype_of,
+    is_cast_to,
+    is_closed,
+    is_getitem,
+    is_op,
+    match_rmsnorm,
+    rmsnorm_consumers,
+    val,
+)
+
+aten = torch.ops.aten
+
+
+@dataclass
+class NormAdd:
+    """``add = residual + rms(x, w)`` (either operand order)."""
+
+    norm: RmsNorm
+    residual: Node
+    add: Node
+
+
+def match_norm_add(add: Node) -> NormAdd | None:
+    ops = binary_operands(add, aten.add.Tensor)
+    if ops is None:
+        return None
+    for residual, normed in (ops, ops[::-1]):
+        if not isinstance(normed, Node) or not isinstance(residual, Node):
+            continue
+        n = match_rmsnorm(normed, want_weight=True)
+        if n is None:
+            continue
+        rv, av, nv = val(residual), val(add), val(normed)
+        # same dtype and shape: no promotion, no broadcasting hidden in the add
+        if rv is None or rv.dtype != n.io_dtype or av.dtype != n.io_dtype:
+            continue
+        if tuple(rv.shape) != tuple(av.shape) or tuple(nv.shape) != tuple(av.shape):
+            continue
+        return NormAdd(n, residual, add)
+    return None
+
+
+@dataclass
+class Scale:
+    """``out = x * scalar`` with a one-element tensor (``layer_scalar``), maybe cast back."""
+
+    scalar: Node
+    out: Node
+    nodes: set
+
+
+def match_scale(x: Node) -> Scale | None:
+    """``x``'s one user multiplies it by a one-element tensor."""
+    if len(x.users) != 1:
+        return None
+    (mul,) = x.users
+    ops = binary_operands(mul, aten.mul.Tensor)
+    if ops is None:
+        return None
+    scalar = ops[1] if ops[0] is x else ops[0]
+    sv, xv = val(scalar), val(x)
+    if sv is None or sv.numel() != 1 or sv.dim() > 1 or sv.dtype not in (torch.float32, xv.dtype):
+        return None
+    mv = val(mul)
+    if tuple(mv.shape) != tuple(xv.shape):
+        return None
+    if mv.dtype == xv.dtype:
+        return Scale(scalar, mul, {mul})
+    # bf16 activations times an fp32 buffer promote: the in-place ``*=`` casts back.
+    if len(mul.users) == 1:
+        (cast,) = mul.users
+        if is_cast_to(cast, xv.dtype):
+            return Scale(scalar, cast, {mul, cast})
+    return None
+
+
+def single_next_norm(x: Node) -> RmsNorm | None:
+    """The one weighted RMSNorm reading ``x``; None if there is none or several."""
+    norms = rmsnorm_consumers(x)
+    if len(norms) != 1 or norms[0].weight is None:
+        return None
+    return norms[0]
+
+
+def residual_feeds_a_norm(residual: Node) -> bool:
+    """The residual is a post-attention residual: the pre-feedforward norm reads it."""
+    if rmsnorm_consumers(residual):
+        return True
+    if not is_op(residual, operator.getitem):
+        return False
+    src = residual.args[0]
+    return is_op(src, fused_op("rmsnorm_add_rmsnorm")) and is_getitem(residual, src, 1)
+
+
+@dataclass
+class EpilogueMatch:
+    norm_add: NormAdd
+    scale: Scale | None
+    next_norm: RmsNorm | None
+    nodes: set
+
+    @property
+    def residual_out(self) -> Node:
+        return self.scale.out if self.scale else self.norm_add.add
+
+
+class _EpilogueFusion(FusionPass):
+    """Shared find/rewrite for the three epilogue sites."""
+
+    scaled: bool = False
+
+    def classify(self, m: EpilogueMatch) -> bool:
+        return True
+
+    def find(self, graph: Graph) -> list[EpilogueMatch]:
+        matches, taken = [], set()
+        for node in graph.nodes:
+            na = match_norm_add(node)
+            if na is None:
+                continue
+            m = self._extend(na)
+            if m is None or not self.classify(m) or m.nodes & taken:
+                continue
+            outputs = [m.residual_out] + ([m.next_norm.output] if m.next_norm else [])
+            if not is_closed(m.nodes, outputs):
+                log.debug("%s: %s has users outside the pattern", self.name, node)
+                continue
+            taken |= m.nodes
+            matches.append(m)
+        return matches
+
+    def _extend(self, na: NormAdd) -> EpilogueMatch | None:
+        nodes = set(na.norm.nodes) | {na.add}
+        scale = None
+        if self.scaled:
+            scale = match_scale(na.add)
+            if scale is None:
+                return None
+            nodes |= scale.nodes
+            tail = scale.out
+        else:
+            tail = na.add
+        next_norm = single_next_norm(tail)
+        if next_norm is not None and not (next_norm.nodes & nodes):
+            nodes |= next_norm.nodes
+        else:
+            next_norm = None
+        if not self.scaled and next_norm is None:
+            return None  # post-attention needs its next norm: rms + add alone is Inductor's job
+        return EpilogueMatch(na, scale, next_norm, nodes)
+
+    def rewrite(self, graph: Graph, m: EpilogueMatch) -> None:
+        ed = GraphEditor(graph)
+        na, n1, n2 = m.norm_add, m.norm_add.norm, m.next_norm
+        scalar = m.scale.scalar if m.scale else None
+        anchor = na.add
+        inputs = [n1.input, na.residual, n1.weight, scalar] + ([n2.weight] if n2 else [])
+        if not ed.precedes_all(inputs, anchor):
+            log.debug("%s: inputs defined after %s, skipped", self.name, anchor)
+            return
+        if n2 is not None:
+            normed, residual_out = ed.call(
+                anchor,
+                fused_op("rmsnorm_add_rmsnorm"),
+                [n1.input, na.residual, n1.weight, scalar, n2.weight, n1.eps, n2.eps],
+                n_outputs=2,
+            )
+            n2.output.replace_all_uses_with(normed)
+        else:
+            (residual_out,) = ed.call(anchor, fused_op("rmsnorm_add"), [n1.input, na.residual, n1.weight, scalar, n1.eps])
+        m.residual_out.replace_all_uses_with(residual_out)
+        ed.erase_dead(m.nodes)
+
+
+class PostAttnNorm(_EpilogueFusion):
+    name = "post_attn_norm"
+    description = "rms(attn, w1) + residual -> rms(., w2): normed and new residual in one kernel"
+    scaled = False
+
+
+class FfnTail(_EpilogueFusion):
+    name = "ffn_tail"
+    description = "(rms(mlp, w) + residual) * layer_scalar -> next input norm, one kernel"
+    scaled = True
+
+    def classify(self, m: EpilogueMatch) -> bool:
+        return residual_feeds_a_norm(m.norm_add.residual)
+
+
+class PleTail(_EpilogueFusion):
+    name = "ple_tail"
+    description = "(rms(ple_proj, w) + residual) * layer_scalar -> next input norm, one kernel"
+    scaled = True
+
+    def classify(self, m: EpilogueMatch) -> bool:
+        return not residual_feeds_a_norm(m.norm_add.residual)
