@@ -253,7 +253,16 @@ def rmsnorm_consumers(x: Node) -> list[RmsNorm]:
                 if n is not None and n.input is x:
                     seen.add(out)
                     found.append(n)
-    return found
+    # In fp32 a weighted norm's inner ``x * inv`` is itself a weightless norm's output:
+    # it counts as a norm of its own only if something outside the other norms reads it.
+    def inner_only(n: RmsNorm) -> bool:
+        others = [o for o in found if o is not n and n.output in o.nodes]
+        if not others:
+            return False
+        inside = set().union(*(o.nodes for o in others))
+        return all(u in inside for u in n.output.users)
+
+    return [n for n in found if not inner_only(n)]
 
 
 def _candidate_outputs(start: Node, depth: int = 6) -> Iterable[Node]:
