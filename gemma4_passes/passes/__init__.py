@@ -9,11 +9,15 @@ from __future__ import annotations
 
 from .base import FusionPass
 from .norm_residual import FfnTail, PleTail, PostAttnNorm
+from .ple_gate import PleGate
+from .qkv_norm import QkvNorm
 
 FUSION_CLASSES: tuple[type[FusionPass], ...] = (
     PostAttnNorm,
     FfnTail,
     PleTail,
+    PleGate,
+    QkvNorm,
 )
 
 FUSIONS: dict[str, type[FusionPass]] = {cls.name: cls for cls in FUSION_CLASSES}

@@ -83,11 +83,37 @@ class GraphEditor:
         pos = self.order[anchor]
         return all(self.order.get(n, pos) < pos for n in inputs if isinstance(n, Node))
 
+    def hoist_before(self, inputs: Iterable[Any], anchor: Node) -> bool:
+        """Move the pure computations of ``inputs`` (and what they need) before ``anchor``.
+
+        Used where a fused op's inputs are computed after the first use of one of
+        its outputs (e.g. k_proj's GEMM after q's RoPE). Returns False, moving
+        nothing further, if an input depends on a node with side effects.
+        """
+        for n in inputs:
+            if isinstance(n, Node) and not self._hoist(n, anchor, set()):
+                return False
+        return True
+
+    def _hoist(self, node: Node, anchor: Node, visiting: set) -> bool:
+        if self.order.get(node, -1) < self.order[anchor] and node in self.order:
+            return True
+        if node.op != "call_function" or node.is_impure() or node in visiting or node is anchor:
+            return False
+        visiting.add(node)
+        for inp in node.all_input_nodes:
+            if not self._hoist(inp, anchor, visiting):
+                return False
+        anchor.prepend(node)
+        self.order = {n: i for i, n in enumerate(self.graph.nodes)}
+        return True
+
     def call(self, anchor: Node, op, args: Sequence[Any], n_outputs: int = 1) -> list[Node]:
         """Insert ``op(*args)`` before ``anchor``; return one node per output."""
+        value = fake_call(op, args)  # before inserting: a failure leaves the graph untouched
         with self.graph.inserting_before(anchor):
             node = self.graph.call_function(op, tuple(args))
-        node.meta["val"] = fake_call(op, args)
+        node.meta["val"] = value
         if "stack_trace" in anchor.meta:
             node.meta["stack_trace"] = anchor.meta["stack_trace"]
         if n_outputs == 1:
