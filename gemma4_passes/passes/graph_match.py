@@ -227,10 +227,12 @@ def _is_weight(w, z: Node) -> bool:
     if not isinstance(w, Node):
         return False
     src, cast = strip_upcast(w)
-    if cast is None and dtype_of(w) != torch.float32:
-        return False
     wv, zv = val(src), val(z)
-    if wv is None or zv is None or wv.dim() != 1:
+    if zv is None or zv.dtype != torch.float32:
+        return False
+    # an uncast bf16/fp16 weight is promoted to fp32 by the multiply (SGLang's RMSNorm): the
+    # same product as ``w.float()``
+    if wv is None or wv.dim() != 1 or wv.dtype not in _FLOAT_DTYPES:
         return False
     if src.op == "call_function" and not is_op(src, aten.reshape.default, aten.view.default):
         # Weights are graph inputs (placeholders / get_attr); computed vectors such as

@@ -1,0 +1,31 @@
+"""How many times each fusion should match a whole Gemma-4 model, from its config.
+
+The rule per layer (one compiled graph holding every layer):
+  post_attn_norm  every dense layer (an MoE layer's post-attention residual feeds three
+                  norms that share one variance: that is the MoE branch-norm fusion's job)
+  ffn_tail        every layer without PLE (its next norm is the next layer's input norm,
+                  or the final norm after the last layer)
+  ple_tail        every layer with PLE (E2B/E4B), and ple_gate likewise
+  qkv_norm        every layer (q alone in KV-shared layers)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .passes import FUSIONS
+
+
+def expected_matches(preset_or_config: Any, fusions=None) -> dict[str, int]:
+    from .models import describe
+
+    layers = describe(preset_or_config)["layers"]
+    per_fusion = {
+        "post_attn_norm": sum(not l["is_moe"] for l in layers),
+        "ffn_tail": sum(not l["has_ple"] for l in layers),
+        "ple_tail": sum(l["has_ple"] for l in layers),
+        "ple_gate": sum(l["has_ple"] for l in layers),
+        "qkv_norm": len(layers),
+    }
+    names = list(FUSIONS) if fusions is None else list(fusions)
+    return {name: per_fusion.get(name, 0) for name in names}
