@@ -1,0 +1,211 @@
+"""``torch.library`` custom ops (namespace ``gemma4_passes``) over the fused Gemma-4 kernels.
+
+Schemas::
+
+    gemma4_passes::rmsnorm_add(Tensor x, Tensor residual, Tensor weight, Tensor? scalar, float eps) -> Tensor
+    gemma4_passes::rmsnorm_add_rmsnorm(Tensor x, Tensor residual, Tensor weight, Tensor? scalar,
+        Tensor? next_weight, float eps, float next_eps) -> (Tensor normed, Tensor residual_out)
+    gemma4_passes::gelu_tanh_mul(Tensor gate, Tensor other) -> Tensor
+    gemma4_passes::q_norm_rope(Tensor q, Tensor weight, Tensor cos, Tensor sin, float eps) -> Tensor
+    gemma4_passes::qkv_norm_rope(Tensor q, Tensor k, Tensor v, Tensor q_weight, Tensor k_weight,
+        Tensor cos, Tensor sin, float q_eps, float k_eps, float v_eps) -> (Tensor, Tensor, Tensor)
+
+All are functional (no mutation, fresh outputs, never aliasing an input).  Every output is a
+contiguous tensor with the shape of the primary input (x / gate / q / k / v) and its dtype; the
+fake (meta) implementations return exactly those shapes and strides.  The default
+implementation (CPU and any other device) is the plain-torch reference
+(:mod:`gemma4_passes.kernels.reference`); on CUDA the Triton launchers run.
+
+Registration happens on import and is idempotent: :func:`ensure_registered` (and re-importing or
+reloading this module) skips every op that already exists.
+"""
+
+import contextlib
+from typing import Optional
+
+import torch
+
+from . import reference as _ref
+
+NAMESPACE = "gemma4_passes"
+OP_NAMES = ("rmsnorm_add", "rmsnorm_add_rmsnorm", "gelu_tanh_mul", "q_norm_rope", "qkv_norm_rope")
+
+try:  # the CUDA implementations need Triton; without it the reference serves every device
+    from .gelu_mul import gelu_tanh_mul_triton
+    from .norm_residual import rmsnorm_add_rmsnorm_triton, rmsnorm_add_triton
+    from .qkv_norm_rope import q_norm_rope_triton, qkv_norm_rope_triton
+
+    HAVE_TRITON = True
+except ImportError:  # pragma: no cover - triton is a hard dependency of the package
+    HAVE_TRITON = False
+
+__all__ = ["NAMESPACE", "OP_NAMES", "HAVE_TRITON", "ensure_registered", "is_registered"]
+
+
+def is_registered(name: str) -> bool:
+    """Whether ``gemma4_passes::<name>`` exists in the dispatcher."""
+    return hasattr(getattr(torch.ops, NAMESPACE), name)
+
+
+def _device_of(t: torch.Tensor):
+    """Triton launches on the current CUDA device: make it the tensor's one if it is not."""
+    idx = t.device.index
+    if idx is not None and idx != torch.cuda.current_device():
+        return torch.cuda.device(idx)
+    return contextlib.nullcontext()
+
+
+def _empty_like_contig(t: torch.Tensor) -> torch.Tensor:
+    return torch.empty(t.shape, dtype=t.dtype, device=t.device)
+
+
+# ---- rmsnorm_add ------------------------------------------------------------------------------
+
+
+def _rmsnorm_add(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, scalar: Optional[torch.Tensor], eps: float
+) -> torch.Tensor:
+    return _ref.rmsnorm_add_ref(x, residual, weight, scalar, eps)
+
+
+def _rmsnorm_add_fake(x, residual, weight, scalar, eps):
+    return _empty_like_contig(x)
+
+
+def _rmsnorm_add_cuda(x, residual, weight, scalar, eps):
+    with _device_of(x):
+        return rmsnorm_add_triton(x, residual, weight, scalar, eps)
+
+
+# ---- rmsnorm_add_rmsnorm ----------------------------------------------------------------------
+
+
+def _rmsnorm_add_rmsnorm(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor,
+    scalar: Optional[torch.Tensor],
+    next_weight: Optional[torch.Tensor],
+    eps: float,
+    next_eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _ref.rmsnorm_add_rmsnorm_ref(x, residual, weight, scalar, next_weight, eps, next_eps)
+
+
+def _rmsnorm_add_rmsnorm_fake(x, residual, weight, scalar, next_weight, eps, next_eps):
+    return _empty_like_contig(x), _empty_like_contig(x)
+
+
+def _rmsnorm_add_rmsnorm_cuda(x, residual, weight, scalar, next_weight, eps, next_eps):
+    with _device_of(x):
+        return rmsnorm_add_rmsnorm_triton(x, residual, weight, scalar, next_weight, eps, next_eps)
+
+
+# ---- gelu_tanh_mul ----------------------------------------------------------------------------
+
+
+def _gelu_tanh_mul(gate: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    return _ref.gelu_tanh_mul_ref(gate, other)
+
+
+def _gelu_tanh_mul_fake(gate, other):
+    return _empty_like_contig(gate)
+
+
+def _gelu_tanh_mul_cuda(gate, other):
+    with _device_of(gate):
+        return gelu_tanh_mul_triton(gate, other)
+
+
+# ---- q_norm_rope ------------------------------------------------------------------------------
+
+
+def _q_norm_rope(
+    q: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, eps: float
+) -> torch.Tensor:
+    return _ref.q_norm_rope_ref(q, weight, cos, sin, eps)
+
+
+def _q_norm_rope_fake(q, weight, cos, sin, eps):
+    return _empty_like_contig(q)
+
+
+def _q_norm_rope_cuda(q, weight, cos, sin, eps):
+    with _device_of(q):
+        return q_norm_rope_triton(q, weight, cos, sin, eps)
+
+
+# ---- qkv_norm_rope ----------------------------------------------------------------------------
+
+
+def _qkv_norm_rope(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_weight: torch.Tensor,
+    k_weight: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    q_eps: float,
+    k_eps: float,
+    v_eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _ref.qkv_norm_rope_ref(q, k, v, q_weight, k_weight, cos, sin, q_eps, k_eps, v_eps)
+
+
+def _qkv_norm_rope_fake(q, k, v, q_weight, k_weight, cos, sin, q_eps, k_eps, v_eps):
+    return _empty_like_contig(q), _empty_like_contig(k), torch.empty(v.shape, dtype=q.dtype, device=v.device)
+
+
+def _qkv_norm_rope_cuda(q, k, v, q_weight, k_weight, cos, sin, q_eps, k_eps, v_eps):
+    with _device_of(q):
+        return qkv_norm_rope_triton(q, k, v, q_weight, k_weight, cos, sin, q_eps, k_eps, v_eps)
+
+
+_SCHEMAS = {
+    "rmsnorm_add": "(Tensor x, Tensor residual, Tensor weight, Tensor? scalar, float eps) -> Tensor",
+    "rmsnorm_add_rmsnorm": (
+        "(Tensor x, Tensor residual, Tensor weight, Tensor? scalar, Tensor? next_weight, float eps, "
+        "float next_eps) -> (Tensor normed, Tensor residual_out)"
+    ),
+    "gelu_tanh_mul": "(Tensor gate, Tensor other) -> Tensor",
+    "q_norm_rope": "(Tensor q, Tensor weight, Tensor cos, Tensor sin, float eps) -> Tensor",
+    "qkv_norm_rope": (
+        "(Tensor q, Tensor k, Tensor v, Tensor q_weight, Tensor k_weight, Tensor cos, Tensor sin, "
+        "float q_eps, float k_eps, float v_eps) -> (Tensor, Tensor, Tensor)"
+    ),
+}
+
+_SPECS = {
+    "rmsnorm_add": (_rmsnorm_add, _rmsnorm_add_fake, "_rmsnorm_add_cuda"),
+    "rmsnorm_add_rmsnorm": (_rmsnorm_add_rmsnorm, _rmsnorm_add_rmsnorm_fake, "_rmsnorm_add_rmsnorm_cuda"),
+    "gelu_tanh_mul": (_gelu_tanh_mul, _gelu_tanh_mul_fake, "_gelu_tanh_mul_cuda"),
+    "q_norm_rope": (_q_norm_rope, _q_norm_rope_fake, "_q_norm_rope_cuda"),
+    "qkv_norm_rope": (_qkv_norm_rope, _qkv_norm_rope_fake, "_qkv_norm_rope_cuda"),
+}
+
+#: the CustomOpDef objects created by THIS module instance (empty for ops registered earlier)
+_OPDEFS: dict = {}
+
+
+def ensure_registered() -> None:
+    """Define every ``gemma4_passes::*`` op not yet in the dispatcher (idempotent, cheap)."""
+    for name, (impl, fake, cuda_name) in _SPECS.items():
+        if is_registered(name):
+            continue
+        opdef = torch.library.custom_op(
+            f"{NAMESPACE}::{name}", impl, mutates_args=(), schema=_SCHEMAS[name]
+        )
+        opdef.register_fake(fake)
+        if HAVE_TRITON:
+            opdef.register_kernel("cuda")(globals()[cuda_name])
+        _OPDEFS[name] = opdef
+
+
+ensure_registered()
+
+rmsnorm_add = torch.ops.gemma4_passes.rmsnorm_add
+rmsnorm_add_rmsnorm = torch.ops.gemma4_passes.rmsnorm_add_rmsnorm
+gelu_tanh_mul = torch.ops.gemma4_passes.gelu_tanh_mul
+q_norm_rope = torch.ops.gemma4_passes.q_norm_rope
+qkv_norm_rope = torch.ops.gemma4_passes.qkv_norm_rope

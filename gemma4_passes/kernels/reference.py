@@ -1,0 +1,129 @@
+"""Plain-torch references for the fused Gemma-4 kernels.
+
+Each function rounds to the activation ("io") dtype at exactly the points where the
+unfused eager HF code does (one rounding per eager op), and does all arithmetic in
+fp32, so on CPU it is bit-identical to the literal HF expressions:
+
+* RMSNorm (Gemma-4 form, weight is used as ``w``, NOT ``1 + w``)::
+
+      y = x.float() * torch.pow(x.float().pow(2).mean(-1, keepdim=True) + eps, -0.5)
+      y = y * w.float()            # only when the norm has a weight
+      y = y.type_as(x)             # one rounding
+
+* residual add / layer scalar: ``residual + h`` and ``h * scalar`` in the io dtype
+  (each = fp32 op, then one rounding).
+* ``F.gelu(gate, approximate="tanh") * other`` (two roundings).
+* RoPE: ``q * cos + rotate_half(q) * sin`` in the io dtype (three roundings).
+
+These are the CPU implementations of the ``gemma4_passes::*`` custom ops
+(:mod:`gemma4_passes.kernels.ops`) and the oracle the Triton kernels are tested
+against.  Outputs are always fresh, contiguous tensors with the shape and dtype of
+the primary activation input.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "rms_norm_ref",
+    "rmsnorm_add_ref",
+    "rmsnorm_add_rmsnorm_ref",
+    "gelu_tanh_mul_ref",
+    "rope_ref",
+    "q_norm_rope_ref",
+    "qkv_norm_rope_ref",
+]
+
+
+def _round(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Cast an fp32 tensor to the io dtype and back (identity for fp32)."""
+    return t.to(dtype).float()
+
+
+def rms_norm_ref(x: torch.Tensor, weight: Optional[torch.Tensor], eps: float) -> torch.Tensor:
+    """Gemma-4 RMSNorm over the last dim, result in ``x.dtype`` (HF's exact op order)."""
+    xf = x.float()
+    y = xf * torch.pow(xf.pow(2).mean(-1, keepdim=True) + eps, -0.5)
+    if weight is not None:
+        y = y * weight.float()
+    return y.to(x.dtype)
+
+
+def rmsnorm_add_ref(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor,
+    scalar: Optional[torch.Tensor],
+    eps: float,
+) -> torch.Tensor:
+    """``round(residual + rms(x, weight))``, then ``round(s * scalar)`` if a scalar is given."""
+    dt = x.dtype
+    n = rms_norm_ref(x, weight, eps)
+    s = _round(residual.float() + n.float(), dt)
+    if scalar is not None:
+        s = _round(s * scalar.float().reshape(()), dt)
+    return s.to(dt).contiguous()
+
+
+def rmsnorm_add_rmsnorm_ref(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor,
+    scalar: Optional[torch.Tensor],
+    next_weight: Optional[torch.Tensor],
+    eps: float,
+    next_eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(rms(residual_out, next_weight), residual_out)``; the second norm reads the ROUNDED sum."""
+    residual_out = rmsnorm_add_ref(x, residual, weight, scalar, eps)
+    normed = rms_norm_ref(residual_out, next_weight, next_eps).contiguous()
+    return normed, residual_out
+
+
+def gelu_tanh_mul_ref(gate: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """``round(round(gelu_tanh(gate)) * other)`` -- i.e. eager ``F.gelu(g, approximate="tanh") * other``.
+
+    ``F.gelu`` computes in fp32 and rounds once, for every io dtype, on CPU and CUDA.
+    """
+    dt = gate.dtype
+    g = F.gelu(gate, approximate="tanh")
+    return (g.float() * other.float()).to(dt).contiguous()
+
+
+def rope_ref(n: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """HF ``n * cos + rotate_half(n) * sin`` on [B, S, H, D] with cos/sin [B, S, D] (unsqueezed at dim 2)."""
+    dt = n.dtype
+    half = n.shape[-1] // 2
+    nf = n.float()
+    c = cos.float().unsqueeze(2)
+    s = sin.float().unsqueeze(2)
+    rot = torch.cat((-nf[..., half:], nf[..., :half]), dim=-1)
+    return _round(_round(nf * c, dt) + _round(rot * s, dt), dt).to(dt)
+
+
+def q_norm_rope_ref(
+    q: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, eps: float
+) -> torch.Tensor:
+    return rope_ref(rms_norm_ref(q, weight, eps), cos, sin).contiguous()
+
+
+def qkv_norm_rope_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_weight: torch.Tensor,
+    k_weight: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    q_eps: float,
+    k_eps: float,
+    v_eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    q_out = q_norm_rope_ref(q, q_weight, cos, sin, q_eps)
+    k_out = q_norm_rope_ref(k, k_weight, cos, sin, k_eps)
+    v_out = rms_norm_ref(v, None, v_eps).contiguous()
+    return q_out, k_out, v_out
