@@ -94,6 +94,7 @@ class Gemma4PostGradPass(custom_graph_pass_base()):
                 log.warning("gemma4_passes: fusion %s failed on this graph; left unfused", p.name, exc_info=True)
                 counts[p.name] = 0
         report.record(counts)
+        _explain_symbolic_eps()
         matched = ", ".join(f"{k}={v}" for k, v in counts.items())
         log.info("gemma4_passes: rewrote graph (%s)", matched or "no fusions selected")
         if self.chained is not None:
@@ -114,6 +115,21 @@ class Gemma4PostGradPass(custom_graph_pass_base()):
 
     def __repr__(self) -> str:
         return f"Gemma4PostGradPass(fusions={list(self.fusions)}, chained={self.chained!r})"
+
+
+_EPS_EXPLAINED = [False]
+
+
+def _explain_symbolic_eps() -> None:
+    from .passes.graph_match import SYMBOLIC_EPS_SEEN
+
+    if SYMBOLIC_EPS_SEEN[0] and not _EPS_EXPLAINED[0]:
+        _EPS_EXPLAINED[0] = True
+        log.warning(
+            "gemma4_passes: RMSNorm eps is a graph input here (torch.compile(dynamic=True) lifts module "
+            "floats when torch._dynamo.config.specialize_float is False), so norms stay unfused; compile "
+            "with dynamic=None/False or set torch._dynamo.config.specialize_float = True"
+        )
 
 
 def build_pass(fusions: Iterable[str] | None = None, chained: Callable | None = None) -> Gemma4PostGradPass:

@@ -25,6 +25,10 @@ prims = torch.ops.prims
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
+# Set when a norm's eps was a graph input (torch.compile(dynamic=True) with
+# specialize_float=False lifts module floats); the manager explains it once.
+SYMBOLIC_EPS_SEEN = [False]
+
 
 def val(node) -> torch.Tensor | None:
     """The fake tensor Inductor recorded for ``node`` (None for non-tensors)."""
@@ -125,6 +129,8 @@ def _match_inv_rms(r: Node, xf: Node) -> tuple[float, set] | None:
         return None
     # eps must be a compile-time float: a symbolic eps (dynamic=True) would be baked in wrongly.
     if not isinstance(eps, (float, int)) or isinstance(eps, bool):
+        if isinstance(eps, Node):
+            SYMBOLIC_EPS_SEEN[0] = True
         return None
     if not last_dim_reduced(m):
         return None
