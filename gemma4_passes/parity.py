@@ -73,7 +73,7 @@ def greedy(fn: Callable, input_ids: torch.Tensor, steps: int) -> tuple[torch.Ten
     for step in range(steps):
         _sync(ids.device)
         t0 = time.perf_counter()
-        logits = fn(ids[:, -window:])
+        logits = fn(ids[:, -window:].contiguous())
         _sync(ids.device)
         dt = time.perf_counter() - t0
         if step == 0:
