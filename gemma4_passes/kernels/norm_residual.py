@@ -7,9 +7,18 @@ with ``rms(x, w, eps) = round((x * (mean(x^2) + eps)^-0.5) * w)`` (Gemma-4: ``w`
 all arithmetic in fp32 and ``round`` = cast to the io dtype (identity for fp32).  See
 :mod:`gemma4_passes.kernels.reference` for the plain-torch definitions.
 
-One program normalises ``ROWS`` rows held in registers as a ``[ROWS, next_pow2(N)]`` tile: one
-row per program for hidden sizes (N > 512), several rows per program for small N so that tiny
-rows still fill the GPU.  Each input is read once and each output written once.
+Two kernels, chosen by shape in the launcher:
+
+* whole rows (default): one program normalises ``ROWS`` rows held in registers as a
+  ``[ROWS, next_pow2(N)]`` tile -- one row per program for hidden sizes, several rows per program
+  for small N so that tiny rows still fill the GPU.  Each input is read once from memory and each
+  output written once.
+* chunked (rows wider than 4096 in prefill-sized batches, or ``impl="loop"``): one row per
+  program walked in ``CHUNK``-wide pieces; x is read a second time, from L2 (loaded with
+  ``evict_last``), which costs less than the register pressure of a 5376-wide row padded to 8192.
+
+Both launch once, keep all arithmetic in fp32 and round exactly where the eager code does.  FMA
+contraction is disabled (``enable_fp_fusion=False``) so that ``a * b + c`` rounds like two eager ops.
 
 This module also holds the small helpers shared by the other kernel modules
 (:func:`_round_io`, the stride/row bookkeeping and the launch heuristics).
@@ -29,11 +38,14 @@ __all__ = ["rmsnorm_add_triton", "rmsnorm_add_rmsnorm_triton"]
 # shared helpers (also used by gelu_mul.py and qkv_norm_rope.py)
 # --------------------------------------------------------------------------------------------
 
-#: io dtype -> the ``IO`` constexpr the kernels take.
+#: io dtype -> the ``IO`` constexpr the kernels take (see :func:`_round_io`).
 _IO_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+#: bf16 on CPU, i.e. under the Triton interpreter: round to bf16 on the bits (see _round_io).
+_IO_BF16_EMULATED = 3
 _FLOAT_DTYPES = tuple(_IO_CODE)
 
-#: Largest row the single-tile norm kernels keep in registers (Gemma-4's largest hidden is 5376).
+#: Widest (power-of-two padded) row the whole-row kernel keeps in registers; wider rows always
+#: take the chunked kernel (Gemma-4's largest hidden size is 5376).
 MAX_BLOCK = 32768
 
 #: Rows per program are capped so that there are at least this many programs (~2 per SM on H100).
@@ -42,16 +54,18 @@ _MIN_PROGRAMS = 264
 
 @triton.jit
 def _round_io(y, IO: tl.constexpr):
-    """Round an fp32 tensor to the io dtype and return it as fp32 (``IO``: 0 fp32, 1 fp16, 2 bf16).
+    """Round an fp32 tensor to the io dtype and return it as fp32.
 
-    bf16 uses explicit round-to-nearest-even on the bits: identical to the hardware cast on the
-    GPU, and the Triton CPU interpreter's own fp32->bf16 cast truncates instead of rounding.
-    NaN stays NaN; overflow rounds to inf like the hardware cast.
+    ``IO``: 0 fp32 (identity), 1 fp16, 2 bf16 (hardware round-to-nearest-even casts), 3 bf16 with
+    the same rounding done on the bits: the Triton CPU interpreter's fp32->bf16 cast truncates
+    instead of rounding, so the launchers pass 3 for CPU tensors (NaN stays NaN, overflow -> inf).
     """
-    if IO == 2:
+    if IO == 3:
         u = y.to(tl.uint32, bitcast=True)
         u = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
         y = tl.where(y != y, y, u.to(tl.float32, bitcast=True))
+    elif IO == 2:
+        y = y.to(tl.bfloat16).to(tl.float32)
     elif IO == 1:
         y = y.to(tl.float16).to(tl.float32)
     return y
@@ -61,6 +75,8 @@ def _io_code(t: torch.Tensor, what: str) -> int:
     code = _IO_CODE.get(t.dtype)
     if code is None:
         raise ValueError(f"{what}: unsupported dtype {t.dtype}; expected one of bfloat16, float16, float32")
+    if code == 2 and t.device.type == "cpu":
+        return _IO_BF16_EMULATED
     return code
 
 
@@ -195,9 +211,11 @@ def _rmsnorm_residual_kernel(
 
     x_off = (rows // x_d1).to(tl.int64) * x_s0 + (rows % x_d1).to(tl.int64) * x_s1
     r_off = (rows // r_d1).to(tl.int64) * r_s0 + (rows % r_d1).to(tl.int64) * r_s1
-    x = tl.load(x_ptr + x_off[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    res = tl.load(r_ptr + r_off[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + x_off[:, None] + cols[None, :], mask=mask, other=0.0,
+                eviction_policy="evict_first").to(tl.float32)
+    res = tl.load(r_ptr + r_off[:, None] + cols[None, :], mask=mask, other=0.0,
+                  eviction_policy="evict_first").to(tl.float32)
+    w = tl.load(w_ptr + cols, mask=col_ok, other=0.0, eviction_policy="evict_last").to(tl.float32)
 
     # rms(x, w): (x * (mean(x^2) + eps)^-0.5) * w, then one rounding
     inv = tl.math.rsqrt(tl.sum(x * x, axis=1) / N + eps)
@@ -215,10 +233,73 @@ def _rmsnorm_residual_kernel(
         inv2 = tl.math.rsqrt(tl.sum(s * s, axis=1) / N + next_eps)
         y = s * inv2[:, None]
         if HAS_NEXT_W:
-            nw = tl.load(nw_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+            nw = tl.load(nw_ptr + cols, mask=col_ok, other=0.0, eviction_policy="evict_last").to(tl.float32)
             y = y * nw[None, :]
         y = _round_io(y, IO)
         tl.store(normed_ptr + o_off, y.to(normed_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rmsnorm_residual_loop_kernel(
+    x_ptr, x_d1, x_s0, x_s1,
+    r_ptr, r_d1, r_s0, r_s1,
+    w_ptr, scalar_ptr, nw_ptr,
+    out_ptr, normed_ptr,
+    M, N, eps, next_eps,
+    CHUNK: tl.constexpr,
+    IO: tl.constexpr,
+    HAS_SCALAR: tl.constexpr,
+    SECOND_NORM: tl.constexpr,
+    HAS_NEXT_W: tl.constexpr,
+):
+    """One row per program, walked in ``CHUNK``-wide pieces (few registers, many rows in flight).
+
+    Pass 1 reads x for the sum of squares; pass 2 re-reads x (from L2), reads residual and the
+    weight, writes s; pass 3 (second norm only) reads back this program's s (after a block
+    barrier) and writes the normed row.
+    """
+    row = tl.program_id(0)
+    cols = tl.arange(0, CHUNK)
+    x_row = x_ptr + ((row // x_d1).to(tl.int64) * x_s0 + (row % x_d1).to(tl.int64) * x_s1)
+    r_row = r_ptr + ((row // r_d1).to(tl.int64) * r_s0 + (row % r_d1).to(tl.int64) * r_s1)
+    o_off = row.to(tl.int64) * N
+
+    acc = tl.zeros([CHUNK], dtype=tl.float32)
+    for start in range(0, N, CHUNK):
+        c = start + cols
+        x = tl.load(x_row + c, mask=c < N, other=0.0, eviction_policy="evict_last").to(tl.float32)
+        acc += x * x
+    inv = tl.math.rsqrt(tl.sum(acc, axis=0) / N + eps)
+
+    if HAS_SCALAR:
+        sc = tl.load(scalar_ptr).to(tl.float32)
+    acc2 = tl.zeros([CHUNK], dtype=tl.float32)
+    for start in range(0, N, CHUNK):
+        c = start + cols
+        ok = c < N
+        x = tl.load(x_row + c, mask=ok, other=0.0, eviction_policy="evict_first").to(tl.float32)
+        res = tl.load(r_row + c, mask=ok, other=0.0, eviction_policy="evict_first").to(tl.float32)
+        w = tl.load(w_ptr + c, mask=ok, other=0.0, eviction_policy="evict_last").to(tl.float32)
+        n = _round_io((x * inv) * w, IO)
+        s = _round_io(res + n, IO)
+        if HAS_SCALAR:
+            s = _round_io(s * sc, IO)
+        tl.store(out_ptr + o_off + c, s.to(out_ptr.dtype.element_ty), mask=ok)
+        if SECOND_NORM:
+            s = tl.where(ok, s, 0.0)
+            acc2 += s * s
+
+    if SECOND_NORM:
+        inv2 = tl.math.rsqrt(tl.sum(acc2, axis=0) / N + next_eps)
+        tl.debug_barrier()  # this program's stores of s are visible to all its threads
+        for start in range(0, N, CHUNK):
+            c = start + cols
+            ok = c < N
+            s = tl.load(out_ptr + o_off + c, mask=ok, other=0.0, eviction_policy="evict_first").to(tl.float32)
+            y = s * inv2
+            if HAS_NEXT_W:
+                y = y * tl.load(nw_ptr + c, mask=ok, other=0.0, eviction_policy="evict_last").to(tl.float32)
+            tl.store(normed_ptr + o_off + c, _round_io(y, IO).to(normed_ptr.dtype.element_ty), mask=ok)
 
 
 # --------------------------------------------------------------------------------------------
@@ -226,8 +307,26 @@ def _rmsnorm_residual_kernel(
 # --------------------------------------------------------------------------------------------
 
 
+#: Wide rows in prefill-sized batches (at least ``_LOOP_MIN_ROWS`` rows of more than 4096) use the
+#: chunked kernel.  H100, bf16, CUDA graphs: whole rows padded to 8192 hold too much per thread
+#: (N=5376, M=16384: rmsnorm_add_rmsnorm 240 us chunked vs 283 us whole-row; Inductor 268 us);
+#: for N <= 4096 and for decode sizes whole rows are as fast or faster.
+_LOOP_MIN_ROWS = 512
+_LOOP_MIN_N = 4097
+
+
+def _loop_config(n: int) -> tuple[int, int]:
+    """(CHUNK, num_warps) of the chunked kernel for row width ``n`` (from an H100 sweep)."""
+    if n <= 2560:
+        return 512, 4
+    if n <= 4096:
+        return 1024, 4
+    return 2048, 8
+
+
 def _launch(
-    x, residual, weight, scalar, next_weight, eps, next_eps, second, out, normed_out, rows_per_program
+    x, residual, weight, scalar, next_weight, eps, next_eps, second, out, normed_out, rows_per_program,
+    impl, chunk,
 ):
     if x.dim() < 1:
         raise ValueError("x must have at least one dimension")
@@ -245,22 +344,26 @@ def _launch(
         _check_scalar(scalar, "scalar", x)
     if next_weight is not None:
         next_weight = _check_vector(next_weight, n, "next_weight", x)
+    if impl not in (None, "tile", "loop"):
+        raise ValueError(f"impl must be None, 'tile' or 'loop', got {impl!r}")
+    if chunk is not None and (chunk < 16 or chunk & (chunk - 1)):
+        raise ValueError(f"chunk must be a power of two >= 16, got {chunk}")
     out = _check_out(out, x.shape, x.dtype, x, "out")
     if second:
         normed_out = _check_out(normed_out, x.shape, x.dtype, x, "normed_out")
     if x.numel() == 0:
         return normed_out, out
-    block = triton.next_power_of_2(n)
-    if block > MAX_BLOCK:
-        raise ValueError(f"hidden size {n} too large for the single-tile norm kernel (max {MAX_BLOCK})")
     _require_launchable(_rmsnorm_residual_kernel, x)
 
     m = x.numel() // n
+    block = triton.next_power_of_2(n)
+    prefill_wide = rows_per_program is None and m >= _LOOP_MIN_ROWS and n >= _LOOP_MIN_N
+    use_loop = impl == "loop" or (impl is None and (block > MAX_BLOCK or prefill_wide))
+    if not use_loop and block > MAX_BLOCK:
+        raise ValueError(f"hidden size {n} too large for the whole-row kernel (max {MAX_BLOCK}); use impl='loop'")
     x, x_d1, x_s0, x_s1 = _collapse_rows(x)
     residual, r_d1, r_s0, r_s1 = _collapse_rows(residual)
-    rows = _rows_per_program(m, block, rows_per_program)
-    grid = (triton.cdiv(m, rows),)
-    _rmsnorm_residual_kernel[grid](
+    common = (
         x, x_d1, x_s0, x_s1,
         residual, r_d1, r_s0, r_s1,
         weight,
@@ -269,16 +372,37 @@ def _launch(
         out,
         normed_out if second else out,
         m, n, float(eps), float(next_eps),
-        BLOCK_N=block,
-        ROWS=rows,
-        IO=io,
-        HAS_SCALAR=scalar is not None,
-        SECOND_NORM=second,
-        HAS_NEXT_W=next_weight is not None,
-        num_warps=_num_warps(rows * block),
-        enable_fp_fusion=False,  # no mul+add -> FMA contraction: round like eager, op by op
     )
+    flags = dict(IO=io, HAS_SCALAR=scalar is not None, SECOND_NORM=second, HAS_NEXT_W=next_weight is not None)
+    if use_loop:
+        c, warps = _loop_config(n)
+        if chunk is not None:
+            c, warps = chunk, max(1, min(warps, chunk // 128))
+        _rmsnorm_residual_loop_kernel[(m,)](
+            *common,
+            CHUNK=c,
+            **flags,
+            num_warps=warps,
+            enable_fp_fusion=False,  # no mul+add -> FMA contraction: round like eager, op by op
+        )
+    else:
+        rows = _rows_per_program(m, block, rows_per_program)
+        _rmsnorm_residual_kernel[(triton.cdiv(m, rows),)](
+            *common,
+            BLOCK_N=block,
+            ROWS=rows,
+            **flags,
+            num_warps=_tile_warps(rows, block),
+            enable_fp_fusion=False,  # no mul+add -> FMA contraction: round like eager, op by op
+        )
     return normed_out, out
+
+
+def _tile_warps(rows: int, block: int) -> int:
+    """Warps of the whole-row kernel: 8 for one row of 4096/8192 (H100 sweep), else ~16 elements/thread."""
+    if rows == 1 and block >= 4096:
+        return 8
+    return _num_warps(rows * block)
 
 
 def rmsnorm_add_triton(
@@ -290,6 +414,8 @@ def rmsnorm_add_triton(
     *,
     out: Optional[torch.Tensor] = None,
     rows_per_program: Optional[int] = None,
+    impl: Optional[str] = None,
+    chunk: Optional[int] = None,
 ) -> torch.Tensor:
     """``round(residual + rms(x, weight, eps))`` [``* scalar``, rounded]: one launch.
 
@@ -297,8 +423,13 @@ def rmsnorm_add_triton(
     strides are addressed in place).  ``weight``: [N], io dtype or fp32.  ``scalar``: a 1-element
     device tensor (read inside the kernel; CUDA-graph safe).  Returns a contiguous tensor shaped
     like ``x`` (``out`` if given: it must be contiguous, same shape and dtype).
+
+    Tuning knobs (the defaults choose by shape): ``impl="tile"`` holds ``rows_per_program`` whole
+    rows per program, ``impl="loop"`` walks one row per program in ``chunk``-wide pieces.
     """
-    return _launch(x, residual, weight, scalar, None, eps, eps, False, out, None, rows_per_program)[1]
+    return _launch(
+        x, residual, weight, scalar, None, eps, eps, False, out, None, rows_per_program, impl, chunk
+    )[1]
 
 
 def rmsnorm_add_rmsnorm_triton(
@@ -313,10 +444,14 @@ def rmsnorm_add_rmsnorm_triton(
     out: Optional[torch.Tensor] = None,
     normed_out: Optional[torch.Tensor] = None,
     rows_per_program: Optional[int] = None,
+    impl: Optional[str] = None,
+    chunk: Optional[int] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(normed, residual_out)``: ``residual_out`` as :func:`rmsnorm_add_triton`, and
     ``normed = rms(residual_out, next_weight, next_eps)`` (no weight if ``next_weight`` is None)
-    computed from the rounded ``residual_out``; one launch, both outputs contiguous."""
+    computed from the rounded ``residual_out``; one launch, both outputs contiguous.  Tuning
+    knobs as :func:`rmsnorm_add_triton`."""
     return _launch(
-        x, residual, weight, scalar, next_weight, eps, next_eps, True, out, normed_out, rows_per_program
+        x, residual, weight, scalar, next_weight, eps, next_eps, True, out, normed_out, rows_per_program,
+        impl, chunk,
     )

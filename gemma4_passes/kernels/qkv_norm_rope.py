@@ -229,7 +229,9 @@ def _launch(q, k, v, q_weight, k_weight, cos, sin, q_eps, k_eps, v_eps, q_out, k
 
     half = d // 2
     block_h = triton.next_power_of_2(half)
-    rows = _rows_per_program(rq + (rk if kv_same else 2 * rk), 2 * block_h, rows_per_program)
+    # ~2048 elements per program for head_dim 256, 1024 for 512 (H100 sweep)
+    target = 2048 if block_h <= 128 else 1024
+    rows = _rows_per_program(rq + (rk if kv_same else 2 * rk), 2 * block_h, rows_per_program, target=target)
     q_progs = triton.cdiv(rq, rows)
     k_progs = triton.cdiv(rk, rows)
     grid = (q_progs + (k_progs if kv_same else 2 * k_progs),)

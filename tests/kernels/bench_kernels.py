@@ -10,13 +10,14 @@ launch heuristics.  Not a test: pytest does not collect it.
 
 import argparse
 import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 import triton
 from triton.testing import do_bench_cudagraph
 
-sys.path.insert(0, __file__.rsplit("/", 1)[0])
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root
 
 import gemma4_passes.kernels  # noqa: E402,F401  (registers the ops)
 from gemma4_passes.kernels.gelu_mul import gelu_tanh_mul_triton  # noqa: E402

@@ -38,14 +38,18 @@ def assert_close_at_scale(got, ref, scale, what):
         return
     check_mismatch_fraction(got, ref, what)
     far = ulp_distance(got, ref) > 1
-    slack = 2 * _UNIT_ROUNDOFF[got.dtype] * scale.cpu().float().expand_as(got)
+    scale = scale.cpu().float().expand_as(got)
+    slack = 4 * _UNIT_ROUNDOFF[got.dtype] * scale
     bad = far & ((got.float() - ref.float()).abs() > slack)
-    assert not bad.any(), f"{what}: {int(bad.sum())} elements off beyond an intermediate's ulp"
+    assert not bad.any(), (
+        f"{what}: {int(bad.sum())} elements off beyond an intermediate's ulp: got {got[bad][:4].tolist()} "
+        f"ref {ref[bad][:4].tolist()} scale {scale[bad][:4].tolist()} ({int(far.sum())} > 1 ulp)"
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=DT_IDS.get)
 @pytest.mark.parametrize("n", [1536, 2560, 2816, 5376])
-@pytest.mark.parametrize("m", [1, 7, 300])
+@pytest.mark.parametrize("m", [1, 7, 600])  # 600 rows: the chunked kernel for N > 4096
 def test_norm_residual_hidden_sizes(dtype, n, m):
     dev = "cuda"
     x = rand((m, n), dtype, dev, scale=20.0)

@@ -23,12 +23,15 @@ EPS = 1e-6
 NEXT_EPS = 1e-5
 
 # (leading shape, layout of x, scalar (dtype, shape) or None, next_weight dtype or None,
-#  weight dtype, rows_per_program)
+#  weight dtype, launcher knobs)
 VARIANTS = {
-    "m1-plain": ((1,), "contig", None, None, "io", None),
-    "m3-scalar-nextw32-rows2": ((3,), "contig", ("io", (1,)), "fp32", "io", 2),
-    "m7-sliced-scalar0d32-nextw-w32": ((7,), "sliced", ("fp32", ()), "io", "fp32", 4),
-    "m6-transposed-scalar": ((3, 2), "transposed", ("io", (1,)), None, "io", None),
+    "m1-plain": ((1,), "contig", None, None, "io", {}),
+    "m3-scalar-nextw32-rows2": ((3,), "contig", ("io", (1,)), "fp32", "io", {"rows_per_program": 2}),
+    "m7-sliced-scalar0d32-nextw-w32": ((7,), "sliced", ("fp32", ()), "io", "fp32", {"rows_per_program": 4}),
+    "m6-transposed-scalar": ((3, 2), "transposed", ("io", (1,)), None, "io", {}),
+    # the chunked (prefill) kernel: chunks of 32 -> 2, 3 and 7 chunks, the last one masked
+    "m3-loop-scalar-nextw": ((3,), "contig", ("io", (1,)), "io", "io", {"impl": "loop", "chunk": 32}),
+    "m4-loop-transposed-w32": ((2, 2), "transposed", None, None, "fp32", {"impl": "loop", "chunk": 64}),
 }
 
 
@@ -48,7 +51,7 @@ def _make_x(lead, layout, n, dtype, device):
 
 
 def _inputs(dtype, n, variant, device):
-    lead, layout, scalar_spec, nw_spec, w_spec, rows = VARIANTS[variant]
+    lead, layout, scalar_spec, nw_spec, w_spec, knobs = VARIANTS[variant]
     x = _make_x(lead, layout, n, dtype, device)
     residual = rand((*lead, n), dtype, device, scale=2.0)
     w = rand_weight(n, _dt(w_spec, dtype), device)
@@ -56,7 +59,7 @@ def _inputs(dtype, n, variant, device):
     if scalar_spec is not None:
         scalar = rand_scalar(_dt(scalar_spec[0], dtype), scalar_spec[1], device)
     nw = rand_weight(n, _dt(nw_spec, dtype), device) if nw_spec is not None else None
-    return x, residual, w, scalar, nw, rows
+    return x, residual, w, scalar, nw, knobs
 
 
 def _cpu(t):
@@ -67,9 +70,9 @@ def _cpu(t):
 @pytest.mark.parametrize("n", [48, 72, 200])
 @pytest.mark.parametrize("dtype", IO_DTYPES, ids=DT_IDS.get)
 def test_rmsnorm_add(dtype, n, variant, device):
-    x, residual, w, scalar, _, rows = _inputs(dtype, n, variant, device)
+    x, residual, w, scalar, _, knobs = _inputs(dtype, n, variant, device)
     out = poisoned(x.shape, dtype, device)
-    got = rmsnorm_add_triton(x, residual, w, scalar, EPS, out=out, rows_per_program=rows)
+    got = rmsnorm_add_triton(x, residual, w, scalar, EPS, out=out, **knobs)
     assert got is out
     ref = R.rmsnorm_add_ref(_cpu(x), _cpu(residual), _cpu(w), _cpu(scalar), EPS)
     assert_matches_reference(got, ref, "rmsnorm_add")
@@ -79,11 +82,11 @@ def test_rmsnorm_add(dtype, n, variant, device):
 @pytest.mark.parametrize("n", [48, 72, 200])
 @pytest.mark.parametrize("dtype", IO_DTYPES, ids=DT_IDS.get)
 def test_rmsnorm_add_rmsnorm(dtype, n, variant, device):
-    x, residual, w, scalar, nw, rows = _inputs(dtype, n, variant, device)
+    x, residual, w, scalar, nw, knobs = _inputs(dtype, n, variant, device)
     out = poisoned(x.shape, dtype, device)
     normed_out = poisoned(x.shape, dtype, device)
     normed, s = rmsnorm_add_rmsnorm_triton(
-        x, residual, w, scalar, nw, EPS, NEXT_EPS, out=out, normed_out=normed_out, rows_per_program=rows
+        x, residual, w, scalar, nw, EPS, NEXT_EPS, out=out, normed_out=normed_out, **knobs
     )
     assert s is out and normed is normed_out
     ref_normed, ref_s = R.rmsnorm_add_rmsnorm_ref(
@@ -135,3 +138,7 @@ def test_validation_errors(device):
         rmsnorm_add_triton(x, r, w, out=torch.empty(3, 47, device=device))
     with pytest.raises(ValueError, match="power of two"):
         rmsnorm_add_triton(x, r, w, rows_per_program=3)
+    with pytest.raises(ValueError, match="power of two"):
+        rmsnorm_add_triton(x, r, w, impl="loop", chunk=48)
+    with pytest.raises(ValueError, match="impl"):
+        rmsnorm_add_triton(x, r, w, impl="fast")
