@@ -362,6 +362,28 @@ def _as_text_config(x: Any) -> "Gemma4TextConfig":
     raise TypeError(f"describe() takes a Gemma4Preset, a preset name, a Gemma-4 config or model, not {type(x)!r}")
 
 
+def _kv_sharing_modes(cfg) -> list[str | None]:
+    """Per layer: "reuse" (KV-shared), "store" (the producer shared layers read) or None.
+
+    transformers >= 5.2x has ``config.kv_sharing_modes``; 5.17 (the GPU image) decides the same
+    thing inside the attention module, from ``num_kv_shared_layers`` and ``layer_types``.
+    """
+    modes = getattr(cfg, "kv_sharing_modes", None)
+    if modes is not None:
+        return list(modes)
+    n, shared = cfg.num_hidden_layers, cfg.num_kv_shared_layers or 0
+    if not shared:
+        return [None] * n
+    first = n - shared
+    out: list[str | None] = [None if i < first else "reuse" for i in range(n)]
+    types = list(cfg.layer_types)
+    for t in set(types):
+        producers = [i for i in range(first) if types[i] == t]
+        if producers:
+            out[producers[-1]] = "store"
+    return out
+
+
 def describe(preset_or_config: Any) -> dict[str, Any]:
     """Per-layer facts, derived from the transformers config (so they agree with what it builds).
 
@@ -377,7 +399,7 @@ def describe(preset_or_config: Any) -> dict[str, Any]:
     cfg = _as_text_config(preset_or_config)
     n = cfg.num_hidden_layers
     types = list(cfg.layer_types)
-    modes = list(cfg.kv_sharing_modes)
+    modes = _kv_sharing_modes(cfg)
     first_shared = n - cfg.num_kv_shared_layers if cfg.num_kv_shared_layers else None
     producers: dict[str, int] = {}
     if first_shared is not None:
