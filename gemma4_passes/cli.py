@@ -196,11 +196,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
-    if args.fusions:
-        from .manager import select_fusions
-
-        args.fusions = list(select_fusions(args.fusions))
     try:
+        if args.fusions:
+            from .manager import select_fusions
+
+            args.fusions = list(select_fusions(args.fusions))
         return args.func(args)
     except (ValueError, RuntimeError) as e:
         from .compat import UnsupportedTorchError
