@@ -58,6 +58,10 @@ def match_norm_add(add: Node) -> NormAdd | None:
         n = match_rmsnorm(normed, want_weight=True)
         if n is None:
             continue
+        # ``rms(a) + rms(b)`` is the MoE branch combine (a sum of two normed branches), not
+        # a residual add: that is the MoE branch-norm fusion's shape, left alone here.
+        if match_rmsnorm(residual) is not None:
+            continue
         rv, av, nv = val(residual), val(add), val(normed)
         # same dtype and shape: no promotion, no broadcasting hidden in the add
         if rv is None or rv.dtype != n.io_dtype or av.dtype != n.io_dtype:

@@ -17,7 +17,6 @@ from torch.fx import Graph, Node
 
 from .base import FusionPass, GraphEditor, fused_op
 from .graph_match import binary_operands, dtype_of, is_cast_to, is_closed, is_op, strip_upcast, val
-from .qkv_norm import projection_source
 
 aten = torch.ops.aten
 
@@ -92,6 +91,20 @@ def match_gelu_tanh(out: Node) -> tuple[Node, set] | None:
     return gate, nodes | found
 
 
+def is_per_layer_slice(node: Node, depth: int = 6) -> bool:
+    """``node`` is (a view of) ``t.select(2, i)`` of a 4-D [B, S, layers, D] tensor."""
+    n = node
+    for _ in range(depth):
+        if is_op(n, aten.select.int):
+            src = val(n.args[0])
+            return src is not None and src.dim() == 4 and n.args[1] in (2, -2)
+        if is_op(n, aten.reshape.default, aten.view.default, aten.slice.Tensor, aten.clone.default):
+            n = n.args[0]
+            continue
+        return False
+    return False
+
+
 @dataclass
 class GateMatch:
     gate: Node
@@ -120,9 +133,10 @@ class PleGate(FusionPass):
                     continue
                 if nv.dtype != gv.dtype or tuple(nv.shape) != tuple(gv.shape):
                     continue
-                # The MLP's gelu(gate) * up multiplies two GEMM outputs; the PLE gate multiplies
-                # by a slice of the per-layer inputs. Only the latter is this fusion.
-                if projection_source(other) is not None:
+                # The MLP's (and the experts') gelu(gate) * up multiplies two GEMM outputs; the
+                # PLE gate multiplies by this layer's slice of the per-layer inputs
+                # ``per_layer_inputs[:, :, i, :]``. Only the latter is this fusion.
+                if not is_per_layer_slice(other):
                     continue
                 nodes = nodes | {node}
                 if nodes & taken or not is_closed(nodes, [node]):
