@@ -33,8 +33,12 @@ import gemma4_passes
 from gemma4_passes import build_pass, match_report, reset_match_report
 from gemma4_passes.kernels import ensure_registered
 
-# A fusion that raises must fail the test, not be logged and skipped.
-os.environ["GEMMA4_PASSES_STRICT"] = "1"
+
+
+@pytest.fixture(autouse=True)
+def _strict_passes(monkeypatch):
+    """A fusion that raises fails the test instead of being logged and skipped (this directory only)."""
+    monkeypatch.setenv("GEMMA4_PASSES_STRICT", "1")
 ensure_registered()
 
 aten = torch.ops.aten
