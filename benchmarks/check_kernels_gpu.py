@@ -214,8 +214,10 @@ def norm_checks(hidden: list[int], tokens: list[int], dtypes, smoke: bool, fp32_
     # (variant, two outputs?, scalar?, next weight?) -- the first three are what the passes emit
     variants = [("post_attn", True, False, True), ("ffn_tail", True, True, True), ("tail_last", False, True, False)]
     rare = [("add_noscalar", False, False, False), ("next_unweighted", True, True, False)]
+    # SGLang's fp32 residual add: the second norm reads the unrounded fp32 sum
+    sgl = ("sglang_post_attn", True, False, True, True)
 
-    def build(h, t, dt, variant, two, has_scalar, has_nw, layout, wdt=None):
+    def build(h, t, dt, variant, two, has_scalar, has_nw, unrounded=False, layout="contig", wdt=None):
         wdt = wdt or dt
 
         def make(r: Rand):
@@ -229,10 +231,12 @@ def norm_checks(hidden: list[int], tokens: list[int], dtypes, smoke: bool, fp32_
 
         if two:
             def call_op(i):
-                return tuple(ops.rmsnorm_add_rmsnorm(i["x"], i["res"], i["w"], i["sc"], i["nw"], EPS, EPS))
+                return tuple(ops.rmsnorm_add_rmsnorm(i["x"], i["res"], i["w"], i["sc"], i["nw"], EPS, EPS,
+                                                     unrounded))
 
             def reference(i):
-                return tuple(R.rmsnorm_add_rmsnorm_ref(i["x"], i["res"], i["w"], i["sc"], i["nw"], EPS, EPS))
+                return tuple(R.rmsnorm_add_rmsnorm_ref(i["x"], i["res"], i["w"], i["sc"], i["nw"], EPS, EPS,
+                                                       unrounded))
 
             def truth(i):
                 s = t_rmsnorm_add(i["x"], i["res"], i["w"], i["sc"])
@@ -242,7 +246,7 @@ def norm_checks(hidden: list[int], tokens: list[int], dtypes, smoke: bool, fp32_
             if add2_l is not None:
                 def launch(i, outs):
                     return tuple(add2_l(i["x"], i["res"], i["w"], i["sc"], i["nw"], EPS, EPS,
-                                        normed_out=outs[0], out=outs[1]))
+                                        normed_out=outs[0], out=outs[1], unrounded_sum=unrounded))
             names = ("normed", "residual_out")
         else:
             def call_op(i):
@@ -268,19 +272,20 @@ def norm_checks(hidden: list[int], tokens: list[int], dtypes, smoke: bool, fp32_
         for h in hidden:
             for t in tokens:
                 for v in variants:
-                    checks.append(build(h, t, dt, *v, "contig"))
+                    checks.append(build(h, t, dt, *v))
     # strided rows, the rarer flag combinations, fp32 weights: bf16 at a few sizes
     few_t = [t for t in tokens if t in (7, 1000)] or tokens[:2]
     for h in hidden:
         for t in few_t:
-            for v in variants:
-                checks.append(build(h, t, torch.bfloat16, *v, "strided"))
-        for v in rare:
-            checks.append(build(h, few_t[0], torch.bfloat16, *v, "contig"))
+            for v in variants + [sgl]:
+                checks.append(build(h, t, torch.bfloat16, *v, layout="strided"))
+        for v in rare + [sgl]:
+            checks.append(build(h, few_t[0], torch.bfloat16, *v))
+        checks.append(build(h, max(tokens), torch.bfloat16, *sgl))  # prefill size: the chunked kernel
     h32, t32 = fp32_at
-    for v in variants + rare:
-        checks.append(build(h32, t32, torch.float32, *v, "contig"))
-    checks.append(build(h32, t32, torch.bfloat16, *variants[1], "contig", wdt=torch.float32))
+    for v in variants + rare + [sgl]:
+        checks.append(build(h32, t32, torch.float32, *v))
+    checks.append(build(h32, t32, torch.bfloat16, *variants[1], wdt=torch.float32))
     return checks
 
 

@@ -1,7 +1,8 @@
 """Triton kernels for the Gemma-4 norm/residual family.
 
 ``rmsnorm_add``          s = round(residual + rms(x, w));  s = round(s * scalar)   (scalar optional)
-``rmsnorm_add_rmsnorm``  the same, plus normed = rms(s, next_w)  (the ROUNDED s; next_w optional)
+``rmsnorm_add_rmsnorm``  the same, plus normed = rms(s, next_w)  (the ROUNDED s; next_w optional;
+                         ``unrounded_sum``: the fp32 sum before rounding, SGLang's residual norm)
 
 with ``rms(x, w, eps) = round((x * (mean(x^2) + eps)^-0.5) * w)`` (Gemma-4: ``w``, not ``1 + w``),
 all arithmetic in fp32 and ``round`` = cast to the io dtype (identity for fp32).  See
@@ -201,6 +202,7 @@ def _rmsnorm_residual_kernel(
     HAS_SCALAR: tl.constexpr,
     SECOND_NORM: tl.constexpr,
     HAS_NEXT_W: tl.constexpr,
+    UNROUNDED_SUM: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows = pid * ROWS + tl.arange(0, ROWS)
@@ -220,7 +222,8 @@ def _rmsnorm_residual_kernel(
     # rms(x, w): (x * (mean(x^2) + eps)^-0.5) * w, then one rounding
     inv = tl.math.rsqrt(tl.sum(x * x, axis=1) / N + eps)
     n = _round_io((x * inv[:, None]) * w[None, :], IO)
-    s = _round_io(res + n, IO)
+    s_f = res + n
+    s = _round_io(s_f, IO)
     if HAS_SCALAR:
         sc = tl.load(scalar_ptr).to(tl.float32)
         s = _round_io(s * sc, IO)
@@ -229,6 +232,8 @@ def _rmsnorm_residual_kernel(
     tl.store(out_ptr + o_off, s.to(out_ptr.dtype.element_ty), mask=mask)
 
     if SECOND_NORM:
+        if UNROUNDED_SUM:  # SGLang's residual norm reads the fp32 sum, not the stored residual
+            s = s_f
         s = tl.where(col_ok[None, :], s, 0.0)
         inv2 = tl.math.rsqrt(tl.sum(s * s, axis=1) / N + next_eps)
         y = s * inv2[:, None]
@@ -251,12 +256,14 @@ def _rmsnorm_residual_loop_kernel(
     HAS_SCALAR: tl.constexpr,
     SECOND_NORM: tl.constexpr,
     HAS_NEXT_W: tl.constexpr,
+    UNROUNDED_SUM: tl.constexpr,
 ):
     """One row per program, walked in ``CHUNK``-wide pieces (few registers, many rows in flight).
 
     Pass 1 reads x for the sum of squares; pass 2 re-reads x (from L2), reads residual and the
     weight, writes s; pass 3 (second norm only) reads back this program's s (after a block
-    barrier) and writes the normed row.
+    barrier) and writes the normed row.  With ``UNROUNDED_SUM`` the second norm needs the fp32
+    sum, which was never stored: pass 3 recomputes it from x and residual (L2 hits) instead.
     """
     row = tl.program_id(0)
     cols = tl.arange(0, CHUNK)
@@ -281,11 +288,14 @@ def _rmsnorm_residual_loop_kernel(
         res = tl.load(r_row + c, mask=ok, other=0.0, eviction_policy="evict_first").to(tl.float32)
         w = tl.load(w_ptr + c, mask=ok, other=0.0, eviction_policy="evict_last").to(tl.float32)
         n = _round_io((x * inv) * w, IO)
-        s = _round_io(res + n, IO)
+        s_f = res + n
+        s = _round_io(s_f, IO)
         if HAS_SCALAR:
             s = _round_io(s * sc, IO)
         tl.store(out_ptr + o_off + c, s.to(out_ptr.dtype.element_ty), mask=ok)
         if SECOND_NORM:
+            if UNROUNDED_SUM:
+                s = s_f
             s = tl.where(ok, s, 0.0)
             acc2 += s * s
 
@@ -295,7 +305,13 @@ def _rmsnorm_residual_loop_kernel(
         for start in range(0, N, CHUNK):
             c = start + cols
             ok = c < N
-            s = tl.load(out_ptr + o_off + c, mask=ok, other=0.0, eviction_policy="evict_first").to(tl.float32)
+            if UNROUNDED_SUM:
+                x = tl.load(x_row + c, mask=ok, other=0.0, eviction_policy="evict_first").to(tl.float32)
+                res = tl.load(r_row + c, mask=ok, other=0.0, eviction_policy="evict_first").to(tl.float32)
+                w = tl.load(w_ptr + c, mask=ok, other=0.0, eviction_policy="evict_last").to(tl.float32)
+                s = res + _round_io((x * inv) * w, IO)
+            else:
+                s = tl.load(out_ptr + o_off + c, mask=ok, other=0.0, eviction_policy="evict_first").to(tl.float32)
             y = s * inv2
             if HAS_NEXT_W:
                 y = y * tl.load(nw_ptr + c, mask=ok, other=0.0, eviction_policy="evict_last").to(tl.float32)
@@ -326,7 +342,7 @@ def _loop_config(n: int) -> tuple[int, int]:
 
 def _launch(
     x, residual, weight, scalar, next_weight, eps, next_eps, second, out, normed_out, rows_per_program,
-    impl, chunk,
+    impl, chunk, unrounded_sum=False,
 ):
     if x.dim() < 1:
         raise ValueError("x must have at least one dimension")
@@ -344,6 +360,8 @@ def _launch(
         _check_scalar(scalar, "scalar", x)
     if next_weight is not None:
         next_weight = _check_vector(next_weight, n, "next_weight", x)
+    if unrounded_sum and scalar is not None:
+        raise ValueError("unrounded_sum=True takes no scalar (the second norm reads the bare fp32 sum)")
     if impl not in (None, "tile", "loop"):
         raise ValueError(f"impl must be None, 'tile' or 'loop', got {impl!r}")
     if chunk is not None and (chunk < 16 or chunk & (chunk - 1)):
@@ -373,7 +391,10 @@ def _launch(
         normed_out if second else out,
         m, n, float(eps), float(next_eps),
     )
-    flags = dict(IO=io, HAS_SCALAR=scalar is not None, SECOND_NORM=second, HAS_NEXT_W=next_weight is not None)
+    flags = dict(
+        IO=io, HAS_SCALAR=scalar is not None, SECOND_NORM=second, HAS_NEXT_W=next_weight is not None,
+        UNROUNDED_SUM=bool(unrounded_sum),
+    )
     if use_loop:
         c, warps = _loop_config(n)
         if chunk is not None:
@@ -446,12 +467,14 @@ def rmsnorm_add_rmsnorm_triton(
     rows_per_program: Optional[int] = None,
     impl: Optional[str] = None,
     chunk: Optional[int] = None,
+    unrounded_sum: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(normed, residual_out)``: ``residual_out`` as :func:`rmsnorm_add_triton`, and
     ``normed = rms(residual_out, next_weight, next_eps)`` (no weight if ``next_weight`` is None)
-    computed from the rounded ``residual_out``; one launch, both outputs contiguous.  Tuning
-    knobs as :func:`rmsnorm_add_triton`."""
+    computed from the rounded ``residual_out``; one launch, both outputs contiguous.  With
+    ``unrounded_sum=True`` (SGLang's fp32 residual add; no scalar) the second norm reads the fp32
+    sum before rounding instead.  Tuning knobs as :func:`rmsnorm_add_triton`."""
     return _launch(
         x, residual, weight, scalar, next_weight, eps, next_eps, True, out, normed_out, rows_per_program,
-        impl, chunk,
+        impl, chunk, unrounded_sum,
     )

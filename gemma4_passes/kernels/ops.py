@@ -4,7 +4,8 @@ Schemas::
 
     gemma4_passes::rmsnorm_add(Tensor x, Tensor residual, Tensor weight, Tensor? scalar, float eps) -> Tensor
     gemma4_passes::rmsnorm_add_rmsnorm(Tensor x, Tensor residual, Tensor weight, Tensor? scalar,
-        Tensor? next_weight, float eps, float next_eps) -> (Tensor normed, Tensor residual_out)
+        Tensor? next_weight, float eps, float next_eps, bool unrounded_sum=False)
+        -> (Tensor normed, Tensor residual_out)
     gemma4_passes::gelu_tanh_mul(Tensor gate, Tensor other) -> Tensor
     gemma4_passes::q_norm_rope(Tensor q, Tensor weight, Tensor cos, Tensor sin, float eps) -> Tensor
     gemma4_passes::qkv_norm_rope(Tensor q, Tensor k, Tensor v, Tensor q_weight, Tensor k_weight,
@@ -88,17 +89,22 @@ def _rmsnorm_add_rmsnorm(
     next_weight: Optional[torch.Tensor],
     eps: float,
     next_eps: float,
+    unrounded_sum: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _ref.rmsnorm_add_rmsnorm_ref(x, residual, weight, scalar, next_weight, eps, next_eps)
+    return _ref.rmsnorm_add_rmsnorm_ref(x, residual, weight, scalar, next_weight, eps, next_eps, unrounded_sum)
 
 
-def _rmsnorm_add_rmsnorm_fake(x, residual, weight, scalar, next_weight, eps, next_eps):
+def _rmsnorm_add_rmsnorm_fake(x, residual, weight, scalar, next_weight, eps, next_eps, unrounded_sum=False):
+    if unrounded_sum and scalar is not None:
+        raise ValueError("unrounded_sum=True takes no scalar")
     return _empty_like_contig(x), _empty_like_contig(x)
 
 
-def _rmsnorm_add_rmsnorm_cuda(x, residual, weight, scalar, next_weight, eps, next_eps):
+def _rmsnorm_add_rmsnorm_cuda(x, residual, weight, scalar, next_weight, eps, next_eps, unrounded_sum=False):
     with _device_of(x):
-        return rmsnorm_add_rmsnorm_triton(x, residual, weight, scalar, next_weight, eps, next_eps)
+        return rmsnorm_add_rmsnorm_triton(
+            x, residual, weight, scalar, next_weight, eps, next_eps, unrounded_sum=unrounded_sum
+        )
 
 
 # ---- gelu_tanh_mul ----------------------------------------------------------------------------
@@ -166,7 +172,7 @@ _SCHEMAS = {
     "rmsnorm_add": "(Tensor x, Tensor residual, Tensor weight, Tensor? scalar, float eps) -> Tensor",
     "rmsnorm_add_rmsnorm": (
         "(Tensor x, Tensor residual, Tensor weight, Tensor? scalar, Tensor? next_weight, float eps, "
-        "float next_eps) -> (Tensor normed, Tensor residual_out)"
+        "float next_eps, bool unrounded_sum=False) -> (Tensor normed, Tensor residual_out)"
     ),
     "gelu_tanh_mul": "(Tensor gate, Tensor other) -> Tensor",
     "q_norm_rope": "(Tensor q, Tensor weight, Tensor cos, Tensor sin, float eps) -> Tensor",

@@ -77,11 +77,23 @@ def rmsnorm_add_rmsnorm_ref(
     next_weight: Optional[torch.Tensor],
     eps: float,
     next_eps: float,
+    unrounded_sum: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(rms(residual_out, next_weight), residual_out)``; the second norm reads the ROUNDED sum."""
-    residual_out = rmsnorm_add_ref(x, residual, weight, scalar, eps)
-    normed = rms_norm_ref(residual_out, next_weight, next_eps).contiguous()
-    return normed, residual_out
+    """``(rms(residual_out, next_weight), residual_out)``; the second norm reads the ROUNDED sum.
+
+    ``unrounded_sum`` (no scalar): SGLang's ``RMSNorm.forward_native(x, residual)`` form, where the
+    add is done on fp32 upcasts and the second norm reads that fp32 sum before it is rounded.
+    """
+    if not unrounded_sum:
+        residual_out = rmsnorm_add_ref(x, residual, weight, scalar, eps)
+        normed = rms_norm_ref(residual_out, next_weight, next_eps).contiguous()
+        return normed, residual_out
+    if scalar is not None:
+        raise ValueError("unrounded_sum=True takes no scalar")
+    dt = x.dtype
+    s = residual.float() + rms_norm_ref(x, weight, eps).float()
+    normed = rms_norm_ref(s, next_weight, next_eps).to(dt).contiguous()
+    return normed, s.to(dt).contiguous()
 
 
 def gelu_tanh_mul_ref(gate: torch.Tensor, other: torch.Tensor) -> torch.Tensor:

@@ -146,7 +146,9 @@ def _match_inv_rms(r: Node, xf: Node) -> tuple[float, set] | None:
     return float(eps), {r, a, m, sq}
 
 
-def match_rmsnorm(out: Node, *, want_weight: bool | None = None) -> RmsNorm | None:
+def match_rmsnorm(
+    out: Node, *, want_weight: bool | None = None, fp32_input: bool = False
+) -> RmsNorm | None:
     """Recognise a Gemma-4 RMSNorm whose io-dtype result is ``out``.
 
     Accepted (HF ``Gemma4RMSNorm`` and plain ``x.float() * rsqrt(...) * w.float()``):
@@ -154,7 +156,9 @@ def match_rmsnorm(out: Node, *, want_weight: bool | None = None) -> RmsNorm | No
       z   = y * convert(w, f32) | y * w (fp32 w)   [weighted]   or  z = y  [no weight]
       y   = xf * inv,  inv = pow(mean(xf^2,-1,keepdim)+eps, -0.5) | rsqrt(...)
       xf  = convert(x, f32) | x (fp32)
-    ``want_weight`` restricts to weighted (True) or weightless (False) norms.
+    ``want_weight`` restricts to weighted (True) or weightless (False) norms.  ``fp32_input``
+    accepts ONLY a norm whose input is an fp32 value while its output is bf16/fp16 (SGLang's
+    residual norm normalises the unrounded fp32 sum); ``input`` is then that fp32 node.
     """
     nodes = set()
     io = dtype_of(out)
@@ -193,7 +197,11 @@ def match_rmsnorm(out: Node, *, want_weight: bool | None = None) -> RmsNorm | No
     nodes |= inv_nodes
     nodes.add(y)
     x, upcast = strip_upcast(xf)
-    if upcast is not None:
+    if fp32_input:
+        if io == torch.float32 or upcast is not None:
+            return None
+        x = xf
+    elif upcast is not None:
         nodes.add(upcast)
         if dtype_of(x) != io:
             return None

@@ -3,6 +3,7 @@
 Gemma-4 norms a sub-block's output and THEN adds it to the residual:
 
   post_attn_norm:  r = residual + rms(attn, w1);            out = rms(r, w2)
+                   (also SGLang's fp32 form: out = rms(unrounded fp32 sum, w2))
   ffn_tail:        x = (residual + rms(mlp, w)) * scalar;   out = rms(x, w_next)   [next may be absent]
   ple_tail:        x = (r + rms(ple_proj, w)) * scalar;     out = rms(x, w_next)   (E2B/E4B)
 
@@ -31,12 +32,14 @@ from .graph_match import (
     is_closed,
     is_getitem,
     is_op,
+    is_upcast,
     match_rmsnorm,
     rmsnorm_consumers,
     val,
 )
 
 aten = torch.ops.aten
+prims = torch.ops.prims
 
 
 @dataclass
@@ -204,10 +207,108 @@ class _EpilogueFusion(FusionPass):
         ed.erase_dead(m.nodes)
 
 
+@dataclass
+class Fp32SumMatch:
+    """SGLang's post-attention site: ``RMSNorm.forward_native(h, residual)`` after ``h = rms(attn)``.
+
+    ``s = f32(rms(attn, w1)) + f32(residual)``; ``residual_out = round(s)``; ``out = rms(s, w2)``
+    with the second norm reading the UNROUNDED fp32 sum ``s`` (io dtype bf16/fp16 only: in fp32
+    this is the plain form above).
+    """
+
+    norm: RmsNorm
+    residual: Node
+    residual_upcast: Node
+    add: Node
+    residual_out: Node
+    next_norm: RmsNorm
+    nodes: set
+
+
+def match_fp32_sum_norm_add(add: Node) -> Fp32SumMatch | None:
+    ops = binary_operands(add, aten.add.Tensor)
+    if ops is None or dtype_of(add) != torch.float32:
+        return None
+    for n_up, r_up in (ops, ops[::-1]):
+        if not (is_upcast(n_up) and is_upcast(r_up)):
+            continue
+        norm = match_rmsnorm(n_up.args[0], want_weight=True)
+        residual = r_up.args[0]
+        if norm is None or norm.io_dtype == torch.float32 or match_rmsnorm(residual) is not None:
+            continue
+        rv, av = val(residual), val(add)
+        if rv is None or rv.dtype != norm.io_dtype or tuple(rv.shape) != tuple(av.shape):
+            continue
+        if tuple(val(norm.output).shape) != tuple(av.shape):
+            continue
+        casts = [u for u in add.users if is_cast_to(u, norm.io_dtype)]
+        nexts = [
+            m for u in add.users for m in [match_rmsnorm(o, want_weight=True, fp32_input=True)
+                                           for o in _norm_outputs_from(u)]
+            if m is not None and m.input is add and m.io_dtype == norm.io_dtype
+        ]
+        uniq = {id(m.output): m for m in nexts}
+        if len(casts) != 1 or len(uniq) != 1:
+            continue
+        (next_norm,) = uniq.values()
+        nodes = set(norm.nodes) | {n_up, add, casts[0]} | next_norm.nodes
+        return Fp32SumMatch(norm, residual, r_up, add, casts[0], next_norm, nodes)
+    return None
+
+
+def _norm_outputs_from(start: Node):
+    """Casts to a low-precision dtype reachable from ``start``: candidate norm outputs."""
+    frontier, seen = [start], {start}
+    for _ in range(5):
+        nxt = []
+        for n in frontier:
+            if is_op(n, prims.convert_element_type.default) and n.args[1] != torch.float32:
+                yield n
+            for u in n.users:
+                if u not in seen and u.op == "call_function":
+                    seen.add(u)
+                    nxt.append(u)
+        frontier = nxt
+
+
 class PostAttnNorm(_EpilogueFusion):
     name = "post_attn_norm"
     description = "rms(attn, w1) + residual -> rms(., w2): normed and new residual in one kernel"
     scaled = False
+
+    def find(self, graph: Graph) -> list:
+        matches = super().find(graph)
+        taken = set().union(*(m.nodes for m in matches)) if matches else set()
+        for node in graph.nodes:
+            m = match_fp32_sum_norm_add(node)
+            if m is None or m.nodes & taken:
+                continue
+            # the residual's upcast may be shared (CSE); it is erased only if nothing else reads it
+            if not is_closed(m.nodes, [m.residual_out, m.next_norm.output]):
+                log.debug("%s: fp32-sum site %s has users outside the pattern", self.name, node)
+                continue
+            taken |= m.nodes | {m.residual_upcast}
+            matches.append(m)
+        return matches
+
+    def rewrite(self, graph: Graph, m) -> None:
+        if not isinstance(m, Fp32SumMatch):
+            return super().rewrite(graph, m)
+        ed = GraphEditor(graph)
+        n1, n2 = m.norm, m.next_norm
+        inputs = [n1.input, m.residual, n1.weight, n2.weight]
+        if not ed.precedes_all(inputs, m.add):
+            log.debug("%s: inputs defined after %s, skipped", self.name, m.add)
+            return
+        normed, residual_out = ed.call(
+            m.add,
+            fused_op("rmsnorm_add_rmsnorm"),
+            [n1.input, m.residual, n1.weight, None, n2.weight, n1.eps, n2.eps, True],
+            n_outputs=2,
+        )
+        n2.output.replace_all_uses_with(normed)
+        m.residual_out.replace_all_uses_with(residual_out)
+        ed.erase_dead(m.nodes | {m.residual_upcast})
 
 
 class FfnTail(_EpilogueFusion):

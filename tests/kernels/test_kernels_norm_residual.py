@@ -96,6 +96,37 @@ def test_rmsnorm_add_rmsnorm(dtype, n, variant, device):
     assert_matches_reference(normed, ref_normed, "normed")
 
 
+# variants without a scalar (SGLang's fp32 residual form has none): whole rows and chunked
+UNROUNDED_VARIANTS = ["m1-plain", "m6-transposed-scalar", "m4-loop-transposed-w32", "m3-loop-scalar-nextw"]
+
+
+@pytest.mark.parametrize("variant", UNROUNDED_VARIANTS)
+@pytest.mark.parametrize("n", [72, 200])
+@pytest.mark.parametrize("dtype", IO_DTYPES, ids=DT_IDS.get)
+def test_rmsnorm_add_rmsnorm_unrounded_sum(dtype, n, variant, device):
+    x, residual, w, _, nw, knobs = _inputs(dtype, n, variant, device)
+    out = poisoned(x.shape, dtype, device)
+    normed_out = poisoned(x.shape, dtype, device)
+    normed, s = rmsnorm_add_rmsnorm_triton(
+        x, residual, w, None, nw, EPS, NEXT_EPS, out=out, normed_out=normed_out, unrounded_sum=True, **knobs
+    )
+    assert s is out and normed is normed_out
+    ref_normed, ref_s = R.rmsnorm_add_rmsnorm_ref(
+        _cpu(x), _cpu(residual), _cpu(w), None, _cpu(nw), EPS, NEXT_EPS, unrounded_sum=True
+    )
+    assert_matches_reference(s, ref_s, "residual_out")
+    assert_matches_reference(normed, ref_normed, "normed")
+    if dtype != torch.float32:  # the flag changes the result: the norm did not read the rounded sum
+        rounded, _ = R.rmsnorm_add_rmsnorm_ref(_cpu(x), _cpu(residual), _cpu(w), None, _cpu(nw), EPS, NEXT_EPS)
+        assert not torch.equal(rounded, ref_normed)
+
+
+def test_unrounded_sum_rejects_scalar(device):
+    x, r, w = (torch.randn(2, 48, device=device) for _ in range(3))
+    with pytest.raises(ValueError, match="unrounded_sum"):
+        rmsnorm_add_rmsnorm_triton(x, r, w[0], torch.ones(1, device=device), None, unrounded_sum=True)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=DT_IDS.get)
 def test_fresh_outputs_hidden_size(dtype, device):
     """No ``out=``: fresh contiguous outputs; a real hidden size (1536: BLOCK 2048, masked)."""

@@ -17,7 +17,8 @@ SCHEMAS = {
     "rmsnorm_add": "gemma4_passes::rmsnorm_add(Tensor x, Tensor residual, Tensor weight, Tensor? scalar, "
     "float eps) -> Tensor",
     "rmsnorm_add_rmsnorm": "gemma4_passes::rmsnorm_add_rmsnorm(Tensor x, Tensor residual, Tensor weight, "
-    "Tensor? scalar, Tensor? next_weight, float eps, float next_eps) -> (Tensor normed, Tensor residual_out)",
+    "Tensor? scalar, Tensor? next_weight, float eps, float next_eps, bool unrounded_sum=False) "
+    "-> (Tensor normed, Tensor residual_out)",
     "gelu_tanh_mul": "gemma4_passes::gelu_tanh_mul(Tensor gate, Tensor other) -> Tensor",
     "q_norm_rope": "gemma4_passes::q_norm_rope(Tensor q, Tensor weight, Tensor cos, Tensor sin, float eps) -> Tensor",
     "qkv_norm_rope": "gemma4_passes::qkv_norm_rope(Tensor q, Tensor k, Tensor v, Tensor q_weight, "
@@ -48,6 +49,7 @@ def _samples(device="cpu", dtype=torch.bfloat16):
         ("rmsnorm_add", (x, r, w32, sc, 1e-6)),
         ("rmsnorm_add_rmsnorm", (x, r, w, sc0, None, 1e-6, 1e-5)),
         ("rmsnorm_add_rmsnorm", (x, r, w, None, w32, 1e-6, 1e-6)),
+        ("rmsnorm_add_rmsnorm", (x, r, w, None, w32, 1e-6, 1e-5, True)),  # SGLang fp32 residual form
         ("gelu_tanh_mul", (gate, pli[:, :, 2, :])),
         ("q_norm_rope", (q, qw, cos, sin, 1e-6)),
         ("qkv_norm_rope", (q, k, v, qw, kw, cos, sin, 1e-6, 1e-6, 1e-6)),

@@ -102,10 +102,54 @@ def post_attn_sgl_fused_residual(attn, residual, w1, w2, eps1, eps2):
     return out, r
 
 
-def test_sglang_fp32_residual_add_not_matched():
-    # not supported yet: SGLang's fused residual norm adds in fp32 and its norm reads the UNROUNDED
-    # fp32 sum; the fused op rounds the sum to bf16 first, so this must stay unfused.
-    case = run_case(post_attn_sgl_fused_residual, _args(torch.bfloat16), FUSION, baseline=False)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=DT_IDS.get)
+def test_sglang_fp32_residual_add_form(dtype):
+    # SGLang's RMSNorm.forward_native(h, residual): the add runs on fp32 upcasts, the residual is
+    # rounded for the stream, and the next norm reads the UNROUNDED fp32 sum
+    case = run_case(post_attn_sgl_fused_residual, _args(dtype), FUSION)
+    case.assert_only(1)
+    case.assert_replaced(
+        {aten.mean.dim: None, aten.rsqrt.default: None, aten.add.Tensor: None},
+        {g4.rmsnorm_add_rmsnorm.default: 1},
+    )
+    (node,) = [n for n in case.after.graph.nodes if n.target is g4.rmsnorm_add_rmsnorm.default]
+    assert node.args[3] is None and node.args[-1] is True  # no scalar; unrounded_sum
+    case.assert_parity()
+
+
+def test_sglang_fp32_residual_add_form_uses_unrounded_sum():
+    # the rewrite picks the unrounded-sum kernel: its normed output equals SGLang's eager bit for
+    # bit on CPU, while the rounded-sum variant differs (the flag has teeth)
+    args = _args(torch.bfloat16)
+    case = run_case(post_attn_sgl_fused_residual, args, FUSION)
+    eager_normed, eager_res = case.eager
+    got_normed, got_res = case.after.out
+    assert torch.equal(got_res, eager_res)
+    attn, residual, w1, w2, e1, e2 = args
+    rounded = g4.rmsnorm_add_rmsnorm(attn, residual, w1, None, w2, e1, e2, False)[0]
+    assert not torch.equal(rounded, eager_normed)
+    assert (got_normed.float() - eager_normed.float()).abs().max() <= (
+        (rounded.float() - eager_normed.float()).abs().max()
+    )
+
+
+def post_attn_sgl_norm_of_residual(attn, residual, w1, w2, eps1, eps2):
+    # near miss: the second norm reads the OLD residual's upcast, not the fp32 sum
+    h = rms_sgl(attn, w1, eps1)
+    s = h.float() + residual.float()
+    return rms_sgl(residual.float(), w2, eps2).to(attn.dtype), s.to(attn.dtype)
+
+
+def post_attn_sgl_sum_leaks(attn, residual, w1, w2, eps1, eps2):
+    # near miss: the unrounded fp32 sum is itself an output (a user outside the pattern)
+    h = rms_sgl(attn, w1, eps1)
+    s = h.float() + residual.float()
+    return rms_sgl(s, w2, eps2).to(attn.dtype), s.to(attn.dtype), (s * 2).to(attn.dtype)
+
+
+@pytest.mark.parametrize("fn", [post_attn_sgl_norm_of_residual, post_attn_sgl_sum_leaks], ids=lambda f: f.__name__)
+def test_sglang_fp32_residual_near_misses(fn):
+    case = run_case(fn, _args(torch.bfloat16), FUSION)
     case.assert_only(0)
     case.assert_unchanged()
     case.assert_parity()
