@@ -1,7 +1,7 @@
 """gemma4-passes: torch.compile/Inductor passes and fused kernels for Gemma-4.
 
     import gemma4_passes
-    gemma4_passes.enable()                 # every fusion, process-wide
+    gemma4_passes.enable()                 # the default fusions, process-wide
     model = torch.compile(model)
     ...
     gemma4_passes.match_report()           # {"post_attn_norm": 35, ...}
@@ -13,6 +13,7 @@ from .compat import UnsupportedTorchError
 from .manager import (
     Gemma4PostGradPass,
     available_fusions,
+    default_fusions,
     build_pass,
     disable,
     enable,
@@ -26,6 +27,7 @@ __all__ = [
     "Gemma4PostGradPass",
     "UnsupportedTorchError",
     "available_fusions",
+    "default_fusions",
     "build_pass",
     "disable",
     "enable",

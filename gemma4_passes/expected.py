@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .passes import FUSIONS
+from .passes import DEFAULT_FUSIONS
 
 
 def expected_matches(preset_or_config: Any, fusions=None) -> dict[str, int]:
@@ -29,5 +29,5 @@ def expected_matches(preset_or_config: Any, fusions=None) -> dict[str, int]:
         "ple_gate": sum(l["has_ple"] for l in layers),
         "qkv_norm": len(layers),
     }
-    names = list(FUSIONS) if fusions is None else list(fusions)
+    names = list(DEFAULT_FUSIONS) if fusions is None else list(fusions)
     return {name: per_fusion.get(name, 0) for name in names}

@@ -24,7 +24,7 @@ import torch
 
 from . import report
 from .compat import custom_graph_pass_base, require_supported_torch
-from .passes import FUSIONS
+from .passes import DEFAULT_FUSIONS, FUSIONS
 
 log = logging.getLogger("gemma4_passes")
 
@@ -37,13 +37,20 @@ def available_fusions() -> list[str]:
     return list(FUSIONS)
 
 
+def default_fusions() -> list[str]:
+    """The fusions that run when none are named (those that beat Inductor alone where measured)."""
+    return list(DEFAULT_FUSIONS)
+
+
 def select_fusions(fusions: Iterable[str] | None) -> tuple[str, ...]:
-    """Validate a user's selection; ``None`` means every fusion."""
+    """Validate a user's selection; ``None`` means the default set, ``"all"`` every fusion."""
     if fusions is None:
-        return tuple(FUSIONS)
+        return tuple(DEFAULT_FUSIONS)
     if isinstance(fusions, str):
         fusions = [f for f in fusions.split(",") if f.strip()]
     wanted = [f.strip() for f in fusions]
+    if wanted == ["all"]:
+        return tuple(FUSIONS)
     unknown = [f for f in wanted if f not in FUSIONS]
     if unknown:
         raise ValueError(

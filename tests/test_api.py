@@ -25,6 +25,14 @@ def test_available_fusions_and_unknown_name():
     assert inductor_config.post_grad_custom_pre_pass is None  # nothing installed on error
 
 
+def test_default_set_and_all():
+    # ple_gate does not beat Inductor (benchmarks/RESULTS.md): available by name, off by default
+    assert gemma4_passes.default_fusions() == ["post_attn_norm", "ffn_tail", "ple_tail", "qkv_norm"]
+    assert gemma4_passes.build_pass().fusions == tuple(gemma4_passes.default_fusions())
+    assert gemma4_passes.build_pass("all").fusions == tuple(gemma4_passes.available_fusions())
+    assert gemma4_passes.build_pass(["ple_gate"]).fusions == ("ple_gate",)
+
+
 def test_selection_keeps_run_order():
     p = gemma4_passes.build_pass(["qkv_norm", "post_attn_norm"])
     assert p.fusions == ("post_attn_norm", "qkv_norm")

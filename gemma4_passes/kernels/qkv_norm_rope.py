@@ -8,7 +8,7 @@ Per (b, s, h) row of ``head_dim`` D (all arithmetic fp32, ``round`` = cast to th
 
 ``q`` is [B, S, Hq, D], ``k``/``v`` are [B, S, Hk, D] (views of GEMM outputs, any strides on the
 leading dims, last dim contiguous), ``cos``/``sin`` are [B, S, D] (or broadcastable to it; a batch
-of 1 is read with stride 0) shared by all heads.  Outputs are contiguous [B, S, H, D] in the io
+of 1 is read with stride 0; any strides, Inductor may hand them over transposed) shared by all heads.  Outputs are contiguous [B, S, H, D] in the io
 dtype.
 
 The grid covers the rows of q, then k, then v; each program handles ``ROWS`` rows of one tensor.
@@ -45,8 +45,8 @@ __all__ = ["q_norm_rope_triton", "qkv_norm_rope_triton"]
 def _norm_rope_rows(
     x_ptr, x_sb, x_ss, x_sh,
     out_ptr, w_ptr,
-    cos_ptr, c_sb, c_ss,
-    sin_ptr, s_sb, s_ss,
+    cos_ptr, c_sb, c_ss, c_sd,
+    sin_ptr, s_sb, s_ss, s_sd,
     v_out_ptr,
     row0, R, H, S, eps, v_eps,
     HALF: tl.constexpr,
@@ -90,12 +90,14 @@ def _norm_rope_rows(
     n1 = _round_io(n1, IO)
     n2 = _round_io(n2, IO)
     if ROPE:
-        cs_ptrs = cos_ptr + (b * c_sb + s * c_ss)[:, None] + c[None, :]
-        sn_ptrs = sin_ptr + (b * s_sb + s * s_ss)[:, None] + c[None, :]
+        # the tables may come with any last-dim stride: Inductor can lay out the cos/sin buffer
+        # transposed ([B, S, D] with stride (S*D, 1, S)); reading it strided beats a copy kernel
+        cs_ptrs = cos_ptr + (b * c_sb + s * c_ss)[:, None] + c[None, :] * c_sd
+        sn_ptrs = sin_ptr + (b * s_sb + s * s_ss)[:, None] + c[None, :] * s_sd
         c1 = tl.load(cs_ptrs, mask=mask, other=0.0).to(tl.float32)
-        c2 = tl.load(cs_ptrs + HALF, mask=mask, other=0.0).to(tl.float32)
+        c2 = tl.load(cs_ptrs + HALF * c_sd, mask=mask, other=0.0).to(tl.float32)
         s1 = tl.load(sn_ptrs, mask=mask, other=0.0).to(tl.float32)
-        s2 = tl.load(sn_ptrs + HALF, mask=mask, other=0.0).to(tl.float32)
+        s2 = tl.load(sn_ptrs + HALF * s_sd, mask=mask, other=0.0).to(tl.float32)
         o1 = _round_io(_round_io(n1 * c1, IO) + _round_io(-n2 * s1, IO), IO)
         o2 = _round_io(_round_io(n2 * c2, IO) + _round_io(n1 * s2, IO), IO)
     else:
@@ -113,8 +115,8 @@ def _qkv_norm_rope_kernel(
     v_ptr, v_sb, v_ss, v_sh,
     qo_ptr, ko_ptr, vo_ptr,
     qw_ptr, kw_ptr,
-    cos_ptr, c_sb, c_ss,
-    sin_ptr, s_sb, s_ss,
+    cos_ptr, c_sb, c_ss, c_sd,
+    sin_ptr, s_sb, s_ss, s_sd,
     S, HQ, HK, RQ, RK, q_progs, k_progs,
     q_eps, k_eps, v_eps,
     HALF: tl.constexpr,
@@ -128,7 +130,7 @@ def _qkv_norm_rope_kernel(
     if pid < q_progs:
         _norm_rope_rows(
             q_ptr, q_sb, q_ss, q_sh, qo_ptr, qw_ptr,
-            cos_ptr, c_sb, c_ss, sin_ptr, s_sb, s_ss, qo_ptr,
+            cos_ptr, c_sb, c_ss, c_sd, sin_ptr, s_sb, s_ss, s_sd, qo_ptr,
             pid * ROWS, RQ, HQ, S, q_eps, v_eps,
             HALF=HALF, BLOCK_H=BLOCK_H, ROWS=ROWS, IO=IO, HAS_W=True, ROPE=True, V_OUT=False,
         )
@@ -138,7 +140,7 @@ def _qkv_norm_rope_kernel(
             if pid_kv < k_progs:
                 _norm_rope_rows(
                     k_ptr, k_sb, k_ss, k_sh, ko_ptr, kw_ptr,
-                    cos_ptr, c_sb, c_ss, sin_ptr, s_sb, s_ss, vo_ptr,
+                    cos_ptr, c_sb, c_ss, c_sd, sin_ptr, s_sb, s_ss, s_sd, vo_ptr,
                     pid_kv * ROWS, RK, HK, S, k_eps, v_eps,
                     HALF=HALF, BLOCK_H=BLOCK_H, ROWS=ROWS, IO=IO, HAS_W=True, ROPE=True, V_OUT=KV_SAME,
                 )
@@ -146,7 +148,7 @@ def _qkv_norm_rope_kernel(
                 if not KV_SAME:
                     _norm_rope_rows(
                         v_ptr, v_sb, v_ss, v_sh, vo_ptr, kw_ptr,
-                        cos_ptr, c_sb, c_ss, sin_ptr, s_sb, s_ss, vo_ptr,
+                        cos_ptr, c_sb, c_ss, c_sd, sin_ptr, s_sb, s_ss, s_sd, vo_ptr,
                         (pid_kv - k_progs) * ROWS, RK, HK, S, v_eps, v_eps,
                         HALF=HALF, BLOCK_H=BLOCK_H, ROWS=ROWS, IO=IO, HAS_W=False, ROPE=False, V_OUT=False,
                     )
@@ -181,9 +183,7 @@ def _rope_table(t: torch.Tensor, what: str, ref: torch.Tensor, b: int, s: int, d
         t = t.expand(b, s, d)
     except RuntimeError as e:
         raise ValueError(f"{what} of shape {tuple(t.shape)} does not broadcast to [B, S, D] = {(b, s, d)}") from e
-    if d > 1 and t.stride(-1) != 1:
-        t = t.contiguous()
-    return t
+    return t  # any strides (a zero last-dim stride only if the table really is constant)
 
 
 def _launch(q, k, v, q_weight, k_weight, cos, sin, q_eps, k_eps, v_eps, q_out, k_out, v_out, rows_per_program):
@@ -241,8 +241,8 @@ def _launch(q, k, v, q_weight, k_weight, cos, sin, q_eps, k_eps, v_eps, q_out, k
         v, v.stride(0), v.stride(1), v.stride(2),
         q_out, k_out, v_out,
         q_weight, k_weight,
-        cos, cos.stride(0), cos.stride(1),
-        sin, sin.stride(0), sin.stride(1),
+        cos, cos.stride(0), cos.stride(1), cos.stride(2),
+        sin, sin.stride(0), sin.stride(1), sin.stride(2),
         seq, hq, max(hk, 1), rq, rk, q_progs, k_progs,
         float(q_eps), float(k_eps), float(v_eps),
         HALF=half,

@@ -50,6 +50,9 @@ class FusionPass:
 
     name: str = ""
     description: str = ""
+    #: run when the user selects no fusions; False for a fusion that does not beat Inductor
+    #: on the measured shapes (still available by name)
+    default: bool = True
 
     def find(self, graph: Graph) -> list[Any]:
         raise NotImplementedError

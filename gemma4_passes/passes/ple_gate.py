@@ -116,6 +116,9 @@ class GateMatch:
 class PleGate(FusionPass):
     name = "ple_gate"
     description = "gelu_tanh(per_layer_input_gate(x)) * per_layer_input in one kernel (E2B/E4B)"
+    # Off by default: Inductor already fuses this pointwise pair into one kernel, and on H100 the
+    # fused op measured 0.91-1.06x Inductor's time at T=1..8192 (benchmarks/RESULTS.md).
+    default = False
 
     def find(self, graph: Graph) -> list[GateMatch]:
         found, taken = [], set()

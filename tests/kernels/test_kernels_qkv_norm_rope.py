@@ -80,6 +80,27 @@ def test_q_norm_rope(dtype, device):
     assert_matches_reference(got, ref, "q")
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=DT_IDS.get)
+def test_transposed_rope_tables(dtype, device):
+    # Inductor on torch 2.11 hands cos/sin over as [B, S, D] views of a [B, D, S] buffer (last-dim
+    # stride S): the kernel reads them in place (no copy) and still matches the reference
+    bsz, seq, hq, hk, d = 1, 5, 4, 2, 32
+    q, k, v = _make(bsz, seq, hq, hk, d, "fused", False, dtype, device)
+    qw, kw = rand_weight(d, dtype, device), rand_weight(d, dtype, device)
+    cos_c, sin_c = rope_tables(bsz, seq, d, dtype, device)
+    cos = cos_c.transpose(1, 2).contiguous().transpose(1, 2)
+    sin = sin_c.transpose(1, 2).contiguous().transpose(1, 2)
+    assert cos.stride(-1) == seq and torch.equal(cos, cos_c)
+    outs = [poisoned(t.shape, dtype, device) for t in (q, k, v)]
+    got = qkv_norm_rope_triton(q, k, v, qw, kw, cos, sin, Q_EPS, K_EPS, V_EPS,
+                               q_out=outs[0], k_out=outs[1], v_out=outs[2])
+    refs = R.qkv_norm_rope_ref(*(t.cpu() for t in (q, k, v, qw, kw, cos_c, sin_c)), Q_EPS, K_EPS, V_EPS)
+    for g, r, name in zip(got, refs, "qkv"):
+        assert_matches_reference(g, r, name)
+    got_q = q_norm_rope_triton(q, qw, cos, sin, Q_EPS)
+    assert_matches_reference(got_q, R.q_norm_rope_ref(q.cpu(), qw.cpu(), cos_c.cpu(), sin_c.cpu(), Q_EPS), "q")
+
+
 def test_fresh_outputs_real_head_dim(device):
     """No ``out=``: fresh contiguous outputs; head_dim 256 as in the real models (decode shape)."""
     dtype = torch.bfloat16
