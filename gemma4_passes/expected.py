@@ -19,15 +19,25 @@ from .passes import DEFAULT_FUSIONS
 
 
 def expected_matches(preset_or_config: Any, fusions=None) -> dict[str, int]:
+    """Matches per fusion for one compile of the whole decoder, given the selected fusions.
+
+    An MoE layer's post-attention site and FFN tail go to the MoE fusions when they are selected
+    (they run first), else to ``post_attn_norm`` / ``ffn_tail``.
+    """
     from .models import describe
 
     layers = describe(preset_or_config)["layers"]
+    names = list(DEFAULT_FUSIONS) if fusions is None else list(fusions)
+    moe_in = "moe_input_norms" in names
+    moe_out = "moe_branch_combine" in names
     per_fusion = {
-        "post_attn_norm": len(layers),
-        "ffn_tail": sum(not l["has_ple"] for l in layers),
+        "moe_input_norms": sum(l["is_moe"] for l in layers),
+        "post_attn_norm": sum(not (l["is_moe"] and moe_in) for l in layers),
+        "moe_branch_combine": sum(l["is_moe"] for l in layers),
+        "ffn_tail": sum(not l["has_ple"] and not (l["is_moe"] and moe_out) for l in layers),
         "ple_tail": sum(l["has_ple"] for l in layers),
         "ple_gate": sum(l["has_ple"] for l in layers),
         "qkv_norm": len(layers),
+        "moe_router": sum(l["is_moe"] for l in layers),
     }
-    names = list(DEFAULT_FUSIONS) if fusions is None else list(fusions)
     return {name: per_fusion.get(name, 0) for name in names}

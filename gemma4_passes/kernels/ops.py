@@ -10,10 +10,22 @@ Schemas::
     gemma4_passes::q_norm_rope(Tensor q, Tensor weight, Tensor cos, Tensor sin, float eps) -> Tensor
     gemma4_passes::qkv_norm_rope(Tensor q, Tensor k, Tensor v, Tensor q_weight, Tensor k_weight,
         Tensor cos, Tensor sin, float q_eps, float k_eps, float v_eps) -> (Tensor, Tensor, Tensor)
+    gemma4_passes::moe_input_norms(Tensor x, Tensor residual, Tensor weight, Tensor pre_weight,
+        Tensor pre2_weight, Tensor router_scale, float root, float eps, float pre_eps, float pre2_eps,
+        float router_eps) -> (Tensor residual_out, Tensor pre, Tensor pre2, Tensor router_in)
+    gemma4_passes::moe_branch_combine(Tensor h1, Tensor h2, Tensor residual, Tensor w1, Tensor w2,
+        Tensor w3, Tensor? scalar, Tensor? next_weight, float eps1, float eps2, float eps3,
+        float? next_eps) -> (Tensor normed, Tensor residual_out)     (normed empty if no next_eps)
+    gemma4_passes::moe_router(Tensor logits, Tensor per_expert_scale, int top_k, bool topk_first=False)
+        -> (Tensor weights, Tensor ids)
 
 All are functional (no mutation, fresh outputs, never aliasing an input).  Every output is a
 contiguous tensor with the shape of the primary input (x / gate / q / k / v) and its dtype; the
-fake (meta) implementations return exactly those shapes and strides.  The default
+fake (meta) implementations return exactly those shapes and strides.  Exception: ``moe_router``
+(the MoE router after its projection, logits [T, E]) returns contiguous fp32 ``weights`` and int64
+``ids``, both [T, top_k]; ``topk_first=False`` is transformers' order (softmax over E, top-k,
+renormalise), ``True`` SGLang's / vLLM's torch order (top-k of the logits, softmax over the k); its
+CUDA kernel takes E <= 512 and top_k <= 16 (ties: lowest index first).  The default
 implementation (CPU and any other device) is the plain-torch reference
 (:mod:`gemma4_passes.kernels.reference`); on CUDA the Triton launchers run.
 
@@ -29,11 +41,14 @@ import torch
 from . import reference as _ref
 
 NAMESPACE = "gemma4_passes"
-OP_NAMES = ("rmsnorm_add", "rmsnorm_add_rmsnorm", "gelu_tanh_mul", "q_norm_rope", "qkv_norm_rope")
+OP_NAMES = ("rmsnorm_add", "rmsnorm_add_rmsnorm", "gelu_tanh_mul", "q_norm_rope", "qkv_norm_rope",
+            "moe_input_norms", "moe_branch_combine", "moe_router")
 
 try:  # the CUDA implementations need Triton; without it the reference serves every device
     from .gelu_mul import gelu_tanh_mul_triton
     from .norm_residual import rmsnorm_add_rmsnorm_triton, rmsnorm_add_triton
+    from .moe_norms import moe_branch_combine_triton, moe_input_norms_triton
+    from .moe_router import moe_router_triton
     from .qkv_norm_rope import q_norm_rope_triton, qkv_norm_rope_triton
 
     HAVE_TRITON = True
@@ -168,6 +183,69 @@ def _qkv_norm_rope_cuda(q, k, v, q_weight, k_weight, cos, sin, q_eps, k_eps, v_e
         return qkv_norm_rope_triton(q, k, v, q_weight, k_weight, cos, sin, q_eps, k_eps, v_eps)
 
 
+# ---- moe_input_norms / moe_branch_combine -------------------------------------------------------
+
+
+def _moe_input_norms(x, residual, weight, pre_weight, pre2_weight, router_scale, root, eps, pre_eps, pre2_eps,
+                     router_eps):
+    return _ref.moe_input_norms_ref(x, residual, weight, pre_weight, pre2_weight, router_scale, root, eps,
+                                    pre_eps, pre2_eps, router_eps)
+
+
+def _moe_input_norms_fake(x, residual, weight, pre_weight, pre2_weight, router_scale, root, eps, pre_eps,
+                          pre2_eps, router_eps):
+    return tuple(_empty_like_contig(x) for _ in range(4))
+
+
+def _moe_input_norms_cuda(x, residual, weight, pre_weight, pre2_weight, router_scale, root, eps, pre_eps,
+                          pre2_eps, router_eps):
+    with _device_of(x):
+        return moe_input_norms_triton(x, residual, weight, pre_weight, pre2_weight, router_scale, root, eps,
+                                      pre_eps, pre2_eps, router_eps)
+
+
+def _moe_branch_combine(h1, h2, residual, w1, w2, w3, scalar, next_weight, eps1, eps2, eps3, next_eps):
+    return _ref.moe_branch_combine_ref(h1, h2, residual, w1, w2, w3, scalar, next_weight, eps1, eps2, eps3,
+                                       next_eps)
+
+
+def _moe_branch_combine_fake(h1, h2, residual, w1, w2, w3, scalar, next_weight, eps1, eps2, eps3, next_eps):
+    normed = _empty_like_contig(h1) if next_eps is not None else h1.new_empty(0)
+    return normed, _empty_like_contig(h1)
+
+
+def _moe_branch_combine_cuda(h1, h2, residual, w1, w2, w3, scalar, next_weight, eps1, eps2, eps3, next_eps):
+    with _device_of(h1):
+        return moe_branch_combine_triton(h1, h2, residual, w1, w2, w3, scalar, next_weight, eps1, eps2, eps3,
+                                         next_eps)
+
+
+# ---- moe_router -------------------------------------------------------------------------------
+
+
+def _router_form(topk_first: bool) -> str:
+    return "topk_softmax" if topk_first else "softmax_topk"
+
+
+def _moe_router(
+    logits: torch.Tensor, per_expert_scale: torch.Tensor, top_k: int, topk_first: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _ref.moe_router_ref(logits, per_expert_scale, top_k, _router_form(topk_first))
+
+
+def _moe_router_fake(logits, per_expert_scale, top_k, topk_first=False):
+    shape = (logits.shape[0], top_k)
+    return (
+        torch.empty(shape, dtype=torch.float32, device=logits.device),
+        torch.empty(shape, dtype=torch.int64, device=logits.device),
+    )
+
+
+def _moe_router_cuda(logits, per_expert_scale, top_k, topk_first=False):
+    with _device_of(logits):
+        return moe_router_triton(logits, per_expert_scale, top_k, _router_form(topk_first))
+
+
 _SCHEMAS = {
     "rmsnorm_add": "(Tensor x, Tensor residual, Tensor weight, Tensor? scalar, float eps) -> Tensor",
     "rmsnorm_add_rmsnorm": (
@@ -180,6 +258,19 @@ _SCHEMAS = {
         "(Tensor q, Tensor k, Tensor v, Tensor q_weight, Tensor k_weight, Tensor cos, Tensor sin, "
         "float q_eps, float k_eps, float v_eps) -> (Tensor, Tensor, Tensor)"
     ),
+    "moe_input_norms": (
+        "(Tensor x, Tensor residual, Tensor weight, Tensor pre_weight, Tensor pre2_weight, Tensor router_scale, "
+        "float root, float eps, float pre_eps, float pre2_eps, float router_eps) "
+        "-> (Tensor residual_out, Tensor pre, Tensor pre2, Tensor router_in)"
+    ),
+    "moe_branch_combine": (
+        "(Tensor h1, Tensor h2, Tensor residual, Tensor w1, Tensor w2, Tensor w3, Tensor? scalar, "
+        "Tensor? next_weight, float eps1, float eps2, float eps3, float? next_eps) "
+        "-> (Tensor normed, Tensor residual_out)"
+    ),
+    "moe_router": (
+        "(Tensor logits, Tensor per_expert_scale, int top_k, bool topk_first=False) -> (Tensor weights, Tensor ids)"
+    ),
 }
 
 _SPECS = {
@@ -188,6 +279,9 @@ _SPECS = {
     "gelu_tanh_mul": (_gelu_tanh_mul, _gelu_tanh_mul_fake, "_gelu_tanh_mul_cuda"),
     "q_norm_rope": (_q_norm_rope, _q_norm_rope_fake, "_q_norm_rope_cuda"),
     "qkv_norm_rope": (_qkv_norm_rope, _qkv_norm_rope_fake, "_qkv_norm_rope_cuda"),
+    "moe_input_norms": (_moe_input_norms, _moe_input_norms_fake, "_moe_input_norms_cuda"),
+    "moe_branch_combine": (_moe_branch_combine, _moe_branch_combine_fake, "_moe_branch_combine_cuda"),
+    "moe_router": (_moe_router, _moe_router_fake, "_moe_router_cuda"),
 }
 
 #: the CustomOpDef objects created by THIS module instance (empty for ops registered earlier)
@@ -215,3 +309,6 @@ rmsnorm_add_rmsnorm = torch.ops.gemma4_passes.rmsnorm_add_rmsnorm
 gelu_tanh_mul = torch.ops.gemma4_passes.gelu_tanh_mul
 q_norm_rope = torch.ops.gemma4_passes.q_norm_rope
 qkv_norm_rope = torch.ops.gemma4_passes.qkv_norm_rope
+moe_input_norms = torch.ops.gemma4_passes.moe_input_norms
+moe_branch_combine = torch.ops.gemma4_passes.moe_branch_combine
+moe_router = torch.ops.gemma4_passes.moe_router

@@ -36,6 +36,9 @@ __all__ = [
     "rope_ref",
     "q_norm_rope_ref",
     "qkv_norm_rope_ref",
+    "moe_input_norms_ref",
+    "moe_branch_combine_ref",
+    "moe_router_ref",
 ]
 
 
@@ -139,3 +142,81 @@ def qkv_norm_rope_ref(
     k_out = q_norm_rope_ref(k, k_weight, cos, sin, k_eps)
     v_out = rms_norm_ref(v, None, v_eps).contiguous()
     return q_out, k_out, v_out
+
+
+def moe_input_norms_ref(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor,
+    pre_weight: torch.Tensor,
+    pre2_weight: torch.Tensor,
+    router_scale: torch.Tensor,
+    root: float,
+    eps: float,
+    pre_eps: float,
+    pre2_eps: float,
+    router_eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """An MoE layer's post-attention epilogue: ``(s, rms(s, w_pre), rms(s, w_pre2), router_in)``
+    with ``s = residual + rms(x, w)`` and ``router_in = rms(s) * router_scale * root`` (each
+    product rounded, as the eager bf16 multiplies are)."""
+    dt = x.dtype
+    s = rmsnorm_add_ref(x, residual, weight, None, eps)
+    pre = rms_norm_ref(s, pre_weight, pre_eps).contiguous()
+    pre2 = rms_norm_ref(s, pre2_weight, pre2_eps).contiguous()
+    r = rms_norm_ref(s, None, router_eps)
+    r = _round(r.float() * router_scale.float(), dt)
+    r = (r * root).to(dt).contiguous()
+    return s, pre, pre2, r
+
+
+def moe_branch_combine_ref(
+    h1: torch.Tensor,
+    h2: torch.Tensor,
+    residual: torch.Tensor,
+    w1: torch.Tensor,
+    w2: torch.Tensor,
+    w3: torch.Tensor,
+    scalar: Optional[torch.Tensor],
+    next_weight: Optional[torch.Tensor],
+    eps1: float,
+    eps2: float,
+    eps3: float,
+    next_eps: Optional[float],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """An MoE layer's branch combine: ``(normed, s)`` with ``h = rms(h1, w1) + rms(h2, w2)``,
+    ``s = (residual + rms(h, w3)) [* scalar]`` and ``normed = rms(s, next_weight, next_eps)``
+    (an empty tensor when ``next_eps`` is None)."""
+    dt = h1.dtype
+    h = (rms_norm_ref(h1, w1, eps1).float() + rms_norm_ref(h2, w2, eps2).float()).to(dt)
+    s = rmsnorm_add_ref(h, residual, w3, scalar, eps3)
+    if next_eps is None:
+        return h1.new_empty(0), s
+    return rms_norm_ref(s, next_weight, next_eps).contiguous(), s
+
+
+def moe_router_ref(
+    logits: torch.Tensor,
+    per_expert_scale: torch.Tensor,
+    top_k: int,
+    form: str = "softmax_topk",
+    ids_dtype: torch.dtype = torch.int64,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Gemma-4 MoE router after its projection: ``(weights fp32 [T, k], ids [T, k])``.
+
+    ``form="softmax_topk"`` is transformers' Gemma4TextRouter (softmax over all E in fp32, top-k,
+    renormalise); ``form="topk_softmax"`` is SGLang's torch fallback / vLLM's torch path (top-k of
+    the logits, softmax over the k in fp32).  Both then scale by ``per_expert_scale[ids]``
+    (upcast to fp32).  Ties follow ``torch.topk`` (see :mod:`gemma4_passes.kernels.moe_router`).
+    """
+    if form == "softmax_topk":
+        p = torch.softmax(logits.float(), dim=-1)
+        w, ids = torch.topk(p, top_k, dim=-1)
+        w = w / w.sum(dim=-1, keepdim=True)
+    elif form == "topk_softmax":
+        v, ids = torch.topk(logits, top_k, dim=-1)
+        w = torch.softmax(v.float(), dim=-1)
+    else:
+        raise ValueError(f"form must be 'softmax_topk' or 'topk_softmax', got {form!r}")
+    w = w * per_expert_scale.reshape(-1)[ids].float()
+    return w.contiguous(), ids.to(ids_dtype).contiguous()

@@ -2,18 +2,22 @@
 
 Order matters where one fusion's output is another's input: the post-attention
 epilogue runs before the FFN/PLE tails (a tail recognises the post-attention
-residual either as a plain add or as that fusion's output).
+residual either as a plain add or as that fusion's output).  The MoE-layer fusions
+run before the dense ones, which would otherwise take the same residual adds.
 """
 
 from __future__ import annotations
 
 from .base import FusionPass
+from .moe_norms import MoeBranchCombine, MoeInputNorms
 from .norm_residual import FfnTail, PleTail, PostAttnNorm
 from .ple_gate import PleGate
 from .qkv_norm import QkvNorm
 
 FUSION_CLASSES: tuple[type[FusionPass], ...] = (
+    MoeInputNorms,
     PostAttnNorm,
+    MoeBranchCombine,
     FfnTail,
     PleTail,
     PleGate,

@@ -17,10 +17,12 @@ import torch
 
 HAS_CUDA = torch.cuda.is_available()
 
-_KERNEL_MODULES = (  # reload order matters: the last two import helpers from the first
+_KERNEL_MODULES = (  # reload order matters: the others import helpers from the first
     "gemma4_passes.kernels.norm_residual",
     "gemma4_passes.kernels.gelu_mul",
     "gemma4_passes.kernels.qkv_norm_rope",
+    "gemma4_passes.kernels.moe_norms",
+    "gemma4_passes.kernels.moe_router",
 )
 
 if not HAS_CUDA:

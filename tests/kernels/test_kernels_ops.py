@@ -23,6 +23,14 @@ SCHEMAS = {
     "q_norm_rope": "gemma4_passes::q_norm_rope(Tensor q, Tensor weight, Tensor cos, Tensor sin, float eps) -> Tensor",
     "qkv_norm_rope": "gemma4_passes::qkv_norm_rope(Tensor q, Tensor k, Tensor v, Tensor q_weight, "
     "Tensor k_weight, Tensor cos, Tensor sin, float q_eps, float k_eps, float v_eps) -> (Tensor, Tensor, Tensor)",
+    "moe_input_norms": "gemma4_passes::moe_input_norms(Tensor x, Tensor residual, Tensor weight, "
+    "Tensor pre_weight, Tensor pre2_weight, Tensor router_scale, float root, float eps, float pre_eps, "
+    "float pre2_eps, float router_eps) -> (Tensor residual_out, Tensor pre, Tensor pre2, Tensor router_in)",
+    "moe_branch_combine": "gemma4_passes::moe_branch_combine(Tensor h1, Tensor h2, Tensor residual, Tensor w1, "
+    "Tensor w2, Tensor w3, Tensor? scalar, Tensor? next_weight, float eps1, float eps2, float eps3, "
+    "float? next_eps) -> (Tensor normed, Tensor residual_out)",
+    "moe_router": "gemma4_passes::moe_router(Tensor logits, Tensor per_expert_scale, int top_k, "
+    "bool topk_first=False) -> (Tensor weights, Tensor ids)",
 }
 
 
@@ -44,6 +52,9 @@ def _samples(device="cpu", dtype=torch.bfloat16):
     v = qkv[..., (hq + hk) * d :].view(b, s, hk, d)
     qw, kw = rand_weight(d, dtype, device), rand_weight(d, torch.float32, device)
     cos, sin = rope_tables(b, s, d, dtype, device)
+    n_exp = 16
+    logits = rand((5, n_exp + 4), dtype, device, scale=2.0)[:, 2 : 2 + n_exp]  # row stride > E
+    pes = (torch.rand(n_exp) + 0.5).to(device)
     return [
         ("rmsnorm_add", (x, r, w, None, 1e-6)),
         ("rmsnorm_add", (x, r, w32, sc, 1e-6)),
@@ -54,6 +65,11 @@ def _samples(device="cpu", dtype=torch.bfloat16):
         ("q_norm_rope", (q, qw, cos, sin, 1e-6)),
         ("qkv_norm_rope", (q, k, v, qw, kw, cos, sin, 1e-6, 1e-6, 1e-6)),
         ("qkv_norm_rope", (q, k, k, qw, kw, cos, sin, 1e-6, 1e-5, 1e-4)),  # attention_k_eq_v
+        ("moe_router", (logits, pes, 4)),
+        ("moe_router", (logits, pes.to(dtype), 2, True)),  # SGLang / vLLM order: top-k, then softmax
+        ("moe_input_norms", (x, r, w, w32, w, w, n ** -0.5, 1e-6, 1e-5, 1e-6, 2e-6)),
+        ("moe_branch_combine", (x, gate, r, w, w32, w, sc, w, 1e-6, 1e-6, 1e-5, 1e-6)),
+        ("moe_branch_combine", (x, gate, r, w, w, w, None, None, 1e-6, 1e-6, 1e-6, None)),  # no next norm
     ]
 
 
@@ -63,7 +79,15 @@ _REFS = {
     "gelu_tanh_mul": R.gelu_tanh_mul_ref,
     "q_norm_rope": R.q_norm_rope_ref,
     "qkv_norm_rope": R.qkv_norm_rope_ref,
+    "moe_input_norms": R.moe_input_norms_ref,
+    "moe_branch_combine": R.moe_branch_combine_ref,
+    "moe_router": lambda logits, pes, k, topk_first=False: R.moe_router_ref(
+        logits, pes, k, "topk_softmax" if topk_first else "softmax_topk"
+    ),
 }
+
+#: output dtypes of the ops that do not return the io dtype
+_OUT_DTYPES = {"moe_router": (torch.float32, torch.int64)}
 
 
 def _as_tuple(x):
@@ -79,6 +103,7 @@ def test_schemas_and_handles():
     assert K.gelu_tanh_mul_op is torch.ops.gemma4_passes.gelu_tanh_mul
     assert K.q_norm_rope_op is torch.ops.gemma4_passes.q_norm_rope
     assert K.qkv_norm_rope_op is torch.ops.gemma4_passes.qkv_norm_rope
+    assert K.moe_router_op is torch.ops.gemma4_passes.moe_router
 
 
 def test_registration_is_idempotent():
@@ -94,7 +119,7 @@ def test_registration_is_idempotent():
     )
 
 
-@pytest.mark.parametrize("idx", range(8))
+@pytest.mark.parametrize("idx", range(len(_samples())))
 def test_opcheck(idx):
     name, args = _samples()[idx]
     torch.library.opcheck(getattr(torch.ops.gemma4_passes, name).default, args)
@@ -105,8 +130,8 @@ def test_cpu_impl_is_reference_and_contiguous(dtype):
     for name, args in _samples(dtype=dtype):
         got = _as_tuple(getattr(torch.ops.gemma4_passes, name)(*args))
         ref = _as_tuple(_REFS[name](*args))
-        for g, r in zip(got, ref):
-            assert g.is_contiguous() and g.dtype == dtype
+        for g, r, dt in zip(got, ref, _OUT_DTYPES.get(name, (dtype,) * len(got))):
+            assert g.is_contiguous() and g.dtype == dt, name
             assert torch.equal(g, r), name
 
 
