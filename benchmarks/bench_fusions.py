@@ -47,7 +47,8 @@ DTYPE = torch.bfloat16
 DEFAULT_TOKENS = (1, 8, 32, 128, 512, 8192)
 #: cases run in this order of T, so a budget cut still leaves every fusion its extreme sizes
 T_PRIORITY = (1, 8192, 128, 8, 512, 32)
-FUSIONS = ("post_attn_norm", "ffn_tail", "ple_tail", "ple_gate", "qkv_norm")
+FUSIONS = ("post_attn_norm", "ffn_tail", "ple_tail", "ple_gate", "qkv_norm", "moe_router", "moe_input_norms",
+           "moe_branch_combine")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -116,6 +117,29 @@ def make_qkv_eager(d: int, k_eq_v: bool, q_only: bool):
         v = hf_rms(heads(v_lin), None)
         return q, k, v
     return qkv_eager
+
+
+def router_eager(logits, per_expert_scale, k: int):
+    """transformers' Gemma4TextRouter after its projection GEMM."""
+    probs = F.softmax(logits, dim=-1, dtype=torch.float32)
+    w, ids = torch.topk(probs, k, dim=-1)
+    w = w / w.sum(dim=-1, keepdim=True)
+    return w * per_expert_scale[ids], ids
+
+
+def moe_input_eager(attn, residual, w_post, w_pre, w_pre2, router_scale):
+    """An MoE layer's post-attention epilogue: the new residual feeds three norms."""
+    h = residual + hf_rms(attn, w_post)
+    flat = h.reshape(-1, h.shape[-1])
+    router_in = hf_rms(flat, None) * router_scale * (h.shape[-1] ** -0.5)
+    return h, hf_rms(h, w_pre), hf_rms(flat, w_pre2), router_in
+
+
+def moe_combine_eager(h1, h2, residual, w1, w2, w3, layer_scalar, w_next):
+    """An MoE layer's end: both branches normed, summed, normed, residual, layer_scalar, next norm."""
+    h = hf_rms(h1, w1) + hf_rms(h2, w2)
+    x = (residual + hf_rms(h, w3)) * layer_scalar
+    return hf_rms(x, w_next), x
 
 
 def make_qkv_fused(d: int, k_eq_v: bool, q_only: bool):
@@ -211,6 +235,9 @@ def build_cases(tokens: list[int], fusions: list[str], smoke: bool, presets_filt
             ("31b-full-keqv", d31.num_attention_heads, d31.full_kv_heads, d31.global_head_dim, True, False),
         ]
 
+    moe_h = 64 if smoke else P["26b-a4b"].hidden_size
+    moe_e, moe_k = (8, 2) if smoke else (P["26b-a4b"].num_experts, P["26b-a4b"].top_k_experts)
+
     def keep(preset: str) -> bool:
         return presets_filter is None or any(p in preset for p in presets_filter)
 
@@ -265,6 +292,36 @@ def build_cases(tokens: list[int], fusions: list[str], smoke: bool, presets_filt
                     shape = f"Hq={hq} " + ("q only" if q_only else f"Hk={hk}") + f" D={d}" + (" k=v" if keqv else "")
                     cases.append(Case(fusion, preset, shape, t, make, make_qkv_eager(d, keqv, q_only),
                                       make_qkv_fused(d, keqv, q_only), ideal))
+            elif fusion == "moe_router" and keep("26b-a4b"):
+                def make(g, dev, t=t):
+                    return (_rand(g, dev, (t, moe_e), 2.0), _weight(g, dev, moe_e))
+                cases.append(Case(fusion, "26b-a4b", f"E={moe_e} k={moe_k}", t, make,
+                                  lambda lg, pes: router_eager(lg, pes, moe_k),
+                                  lambda lg, pes: ops.moe_router(lg, pes, moe_k, False),
+                                  t * (moe_e * B + moe_k * 12) + moe_e * B))
+            elif fusion == "moe_input_norms" and keep("26b-a4b"):
+                h = moe_h
+
+                def make(g, dev, h=h, t=t):
+                    return (_rand(g, dev, (1, t, h), 20.0), _rand(g, dev, (1, t, h), 3.0),
+                            *(_weight(g, dev, h) for _ in range(4)))
+                cases.append(Case(
+                    fusion, "26b-a4b", f"H={h}", t, make, moe_input_eager,
+                    lambda a, r, w, wp, wp2, rs: ops.moe_input_norms(a, r, w, wp, wp2, rs, a.shape[-1] ** -0.5,
+                                                                     EPS, EPS, EPS, EPS),
+                    6 * t * h * B + 4 * h * B))
+            elif fusion == "moe_branch_combine" and keep("26b-a4b"):
+                h = moe_h
+
+                def make(g, dev, h=h, t=t):
+                    return (_rand(g, dev, (1, t, h), 20.0), _rand(g, dev, (1, t, h), 20.0),
+                            _rand(g, dev, (1, t, h), 3.0), *(_weight(g, dev, h) for _ in range(3)),
+                            _scalar(g, dev), _weight(g, dev, h))
+                cases.append(Case(
+                    fusion, "26b-a4b", f"H={h}", t, make, moe_combine_eager,
+                    lambda h1, h2, r, w1, w2, w3, sc, wn: ops.moe_branch_combine(h1, h2, r, w1, w2, w3, sc, wn,
+                                                                                 EPS, EPS, EPS, EPS),
+                    5 * t * h * B + 4 * h * B))
     return cases
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from .base import FusionPass
 from .moe_norms import MoeBranchCombine, MoeInputNorms
+from .moe_router import MoeRouter
 from .norm_residual import FfnTail, PleTail, PostAttnNorm
 from .ple_gate import PleGate
 from .qkv_norm import QkvNorm
@@ -22,6 +23,7 @@ FUSION_CLASSES: tuple[type[FusionPass], ...] = (
     PleTail,
     PleGate,
     QkvNorm,
+    MoeRouter,
 )
 
 FUSIONS: dict[str, type[FusionPass]] = {cls.name: cls for cls in FUSION_CLASSES}
