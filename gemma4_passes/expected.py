@@ -1,14 +1,14 @@
 """How many times each fusion should match a whole Gemma-4 model, from its config.
 
 The rule per layer (one compiled graph holding every layer):
-  post_attn_norm  every layer (in transformers' MoE layers the router and the second
-                  pre-FF norm read the residual through a reshape, so the pre-FF norm is the
-                  residual's one direct norm; where all three read the same tensor they
-                  share one variance and the MoE branch-norm fusion takes them)
-  ffn_tail        every layer without PLE (its next norm is the next layer's input norm,
-                  or the final norm after the last layer)
-  ple_tail        every layer with PLE (E2B/E4B), and ple_gate likewise
-  qkv_norm        every layer (q alone in KV-shared layers)
+  qkv_norm             every layer (q alone in KV-shared layers)
+  moe_input_norms      every MoE layer (26B-A4B): its post-attention site
+  moe_branch_combine   every MoE layer: its FFN tail
+  moe_router           every MoE layer
+  post_attn_norm       every other layer (MoE layers too when moe_input_norms is not selected)
+  ffn_tail             every other layer without PLE (its next norm is the next layer's input
+                       norm, or the final norm after the last layer)
+  ple_tail, ple_gate   every layer with PLE (E2B/E4B)
 """
 
 from __future__ import annotations
