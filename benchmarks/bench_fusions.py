@@ -135,6 +135,14 @@ def moe_input_eager(attn, residual, w_post, w_pre, w_pre2, router_scale):
     return h, hf_rms(h, w_pre), hf_rms(flat, w_pre2), router_in
 
 
+def moe_input_fused(attn, residual, w_post, w_pre, w_pre2, router_scale):
+    """The fused op; the experts' and router's outputs viewed [T, H] as transformers reads them."""
+    h = attn.shape[-1]
+    s, pre, pre2, router_in = _ops().moe_input_norms(attn, residual, w_post, w_pre, w_pre2, router_scale,
+                                                     h ** -0.5, EPS, EPS, EPS, EPS)
+    return s, pre, pre2.view(-1, h), router_in.view(-1, h)
+
+
 def moe_combine_eager(h1, h2, residual, w1, w2, w3, layer_scalar, w_next):
     """An MoE layer's end: both branches normed, summed, normed, residual, layer_scalar, next norm."""
     h = hf_rms(h1, w1) + hf_rms(h2, w2)
@@ -307,8 +315,7 @@ def build_cases(tokens: list[int], fusions: list[str], smoke: bool, presets_filt
                             *(_weight(g, dev, h) for _ in range(4)))
                 cases.append(Case(
                     fusion, "26b-a4b", f"H={h}", t, make, moe_input_eager,
-                    lambda a, r, w, wp, wp2, rs: ops.moe_input_norms(a, r, w, wp, wp2, rs, a.shape[-1] ** -0.5,
-                                                                     EPS, EPS, EPS, EPS),
+                    moe_input_fused,
                     6 * t * h * B + 4 * h * B))
             elif fusion == "moe_branch_combine" and keep("26b-a4b"):
                 h = moe_h

@@ -2,6 +2,7 @@
 which norm kernel to pick at prefill-ish row counts.
 
   PYTHONPATH=. python3 benchmarks/diag_layer_kernels.py [--preset 31b --layers 2 --tokens 64]
+      [--only copies,sweep,sweep_cold,q_rope,router_ties]
 
 1. Compiles a published-dims decoder slice with the passes, runs it once (no CUDA graph) under
    torch.profiler and prints, for every copy kernel, the chain of CPU ops that launched it; also
@@ -108,16 +109,128 @@ def norm_sweep() -> None:
                   f"(default {default}; best/copy {min(res['tile'], res['loop']) / res['copy']:.2f})", flush=True)
 
 
+def _bench_rotated(fn_of_set, sets, rep=30) -> float:
+    """us per call in a CUDA graph, cycling through ``sets`` (together larger than L2: cold inputs)."""
+    import triton.testing as tt
+
+    # one graph replays all sets in turn; divide by their number
+    def all_sets():
+        for st in sets:
+            fn_of_set(st)
+
+    return tt.do_bench_cudagraph(all_sets, rep=rep) * 1000 / len(sets)
+
+
+def norm_sweep_cold() -> None:
+    from gemma4_passes.kernels.norm_residual import rmsnorm_add_rmsnorm_triton
+
+    def tail(x, r, w, sc, wn):
+        def rms(t, ww):
+            tf = t.float()
+            return (tf * torch.pow(tf.pow(2).mean(-1, keepdim=True) + 1e-6, -0.5) * ww.float()).type_as(t)
+        h = (r + rms(x, w)) * sc
+        return rms(h, wn), h
+
+    ind = torch.compile(tail, dynamic=False)
+    print("== rmsnorm_add_rmsnorm bf16, cold inputs (rotated sets > L2), us: tile / loop / Inductor")
+    for n in (5376,):
+        for m in (256, 512, 768, 1024, 2048):
+            sets = []
+            for _ in range(max(2, (96 << 20) // (4 * m * n * 2))):
+                x = torch.randn(m, n, device="cuda", dtype=torch.bfloat16) * 20
+                sets.append((x, torch.randn_like(x), torch.randn(n, device="cuda", dtype=torch.bfloat16),
+                             torch.rand(1, device="cuda", dtype=torch.bfloat16) + 0.5,
+                             torch.randn(n, device="cuda", dtype=torch.bfloat16),
+                             torch.empty_like(x), torch.empty_like(x)))
+            res = {impl: _bench_rotated(
+                lambda st, impl=impl: rmsnorm_add_rmsnorm_triton(*st[:5], 1e-6, 1e-6, out=st[5], normed_out=st[6],
+                                                                 impl=impl), sets) for impl in ("tile", "loop")}
+            res["inductor"] = _bench_rotated(lambda st: ind(*st[:5]), sets)
+            print(f"  N={n} M={m}: tile {res['tile']:.1f}  loop {res['loop']:.1f}  inductor {res['inductor']:.1f}",
+                  flush=True)
+
+
+def q_rope_sweep() -> None:
+    from gemma4_passes.kernels.qkv_norm_rope import q_norm_rope_triton
+
+    def q_eager(q, w, cos, sin):
+        qf = q.float()
+        n = (qf * torch.pow(qf.pow(2).mean(-1, keepdim=True) + 1e-6, -0.5) * w.float()).type_as(q)
+        c, s_ = cos.unsqueeze(2), sin.unsqueeze(2)
+        half = n.shape[-1] // 2
+        rot = torch.cat((-n[..., half:], n[..., :half]), dim=-1)
+        return n * c + rot * s_
+
+    ind = torch.compile(q_eager, dynamic=False)
+    print("== q_norm_rope (KV-shared layer, Hq=8 D=256) bf16, cold, us by rows per program / Inductor")
+    for t in (1, 8, 32, 512, 2048):
+        sets = []
+        for _ in range(8):
+            q = torch.randn(1, t, 8, 256, device="cuda", dtype=torch.bfloat16) * 4
+            pos = torch.randint(0, 32768, (1, t), device="cuda").float()
+            inv = 1.0 / (10000 ** (torch.arange(0, 256, 2, device="cuda").float() / 256))
+            emb = torch.cat([pos[..., None] * inv] * 2, -1)
+            sets.append((q, torch.randn(256, device="cuda", dtype=torch.bfloat16), emb.cos().bfloat16(),
+                         emb.sin().bfloat16(), torch.empty_like(q)))
+        line = []
+        for rows in (None, 1, 2, 4, 8, 16, 32):
+            us = _bench_rotated(lambda st, rows=rows: q_norm_rope_triton(*st[:4], 1e-6, out=st[4],
+                                                                        rows_per_program=rows), sets)
+            line.append(f"{rows or 'default'}:{us:.2f}")
+        line.append(f"inductor:{_bench_rotated(lambda st: ind(*st[:4]), sets):.2f}")
+        print(f"  T={t}: " + "  ".join(line), flush=True)
+
+
+def router_ties() -> None:
+    import torch.nn.functional as F
+
+    import gemma4_passes.kernels  # noqa: F401
+
+    print("== moe_router vs eager on CUDA (E=128, k=8): ids identical except where probabilities tie")
+    for dt in (torch.bfloat16, torch.float32):
+        for t in (1, 64, 8192):
+            logits = (torch.randn(t, 128, device="cuda") * 2).to(dt)
+            pes = torch.rand(128, device="cuda", dtype=torch.bfloat16) + 0.5
+            probs = F.softmax(logits, -1, dtype=torch.float32)
+            w_e, ids_e = torch.topk(probs, 8, -1)
+            w_e = w_e / w_e.sum(-1, keepdim=True) * pes[ids_e]
+            w_f, ids_f = torch.ops.gemma4_passes.moe_router(logits, pes, 8, False)
+            # values the eager top-k selected vs what the kernel selected, per rank
+            pv_e = probs.gather(1, ids_e)
+            pv_f = probs.gather(1, ids_f)
+            same_vals = torch.equal(pv_e, pv_f)
+            differ = (ids_e != ids_f).any(1)
+            # a differing row is explained by a tie: equal probabilities at the differing ranks
+            tied_rows = 0
+            for r in differ.nonzero().flatten().tolist():
+                tied_rows += int(torch.equal(pv_e[r], pv_f[r]))
+            wt = (w_e - w_f).abs() / w_e.abs().clamp_min(1e-30)
+            ok_rows = ~differ
+            werr = float(wt[ok_rows].max()) if ok_rows.any() else 0.0
+            print(f"  {str(dt)[6:]} T={t}: rows with other ids {int(differ.sum())}/{t} "
+                  f"(all at exact ties: {tied_rows == int(differ.sum())}), selected probabilities identical per "
+                  f"rank: {same_vals}, max rel weight err on other rows {werr:.2e}", flush=True)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="31b")
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=64)
-    ap.add_argument("--skip-sweep", action="store_true")
+    ap.add_argument("--only", default="copies,sweep",
+                    help="comma list of: copies, sweep, sweep_cold, q_rope, router_ties")
     args = ap.parse_args(argv)
-    copy_origins(args.preset, args.layers, args.tokens)
-    if not args.skip_sweep:
+    todo = args.only.split(",")
+    if "copies" in todo:
+        copy_origins(args.preset, args.layers, args.tokens)
+    if "sweep" in todo:
         norm_sweep()
+    if "sweep_cold" in todo:
+        norm_sweep_cold()
+    if "q_rope" in todo:
+        q_rope_sweep()
+    if "router_ties" in todo:
+        router_ties()
     return 0
 
 
