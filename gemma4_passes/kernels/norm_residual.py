@@ -331,6 +331,21 @@ _LOOP_MIN_ROWS = 512
 _LOOP_MIN_N = 4097
 
 
+#: Where Inductor's own fusion of the epilogue beats both kernels here, so the passes leave the
+#: graph alone: rows wider than 4096 at 256-2047 rows.  H100, bf16, N=5376, cold inputs, us
+#: tile/loop/Inductor: M=256 6.5/8.6/5.7, M=512 11.2/11.3/8.4, M=1024 20.5/21.4/16.9; at M=2048
+#: the chunked kernel wins (34.8 vs 35.4) and at M<=128 the whole-row one (benchmarks/RESULTS.md).
+INDUCTOR_WINS_MIN_N = 4097
+INDUCTOR_WINS_ROWS = (256, 2048)
+
+
+def prefer_inductor(rows, n) -> bool:
+    """True for a static (rows, n) where Inductor's fusion of the same epilogue measured faster."""
+    if not isinstance(rows, int) or not isinstance(n, int):
+        return False  # symbolic sizes: the kernels win at the decode and long-prefill ends
+    return n >= INDUCTOR_WINS_MIN_N and INDUCTOR_WINS_ROWS[0] <= rows < INDUCTOR_WINS_ROWS[1]
+
+
 def _loop_config(n: int) -> tuple[int, int]:
     """(CHUNK, num_warps) of the chunked kernel for row width ``n`` (from an H100 sweep)."""
     if n <= 2560:

@@ -229,8 +229,10 @@ def _launch(q, k, v, q_weight, k_weight, cos, sin, q_eps, k_eps, v_eps, q_out, k
 
     half = d // 2
     block_h = triton.next_power_of_2(half)
-    # ~2048 elements per program for head_dim 256, 1024 for 512 (H100 sweep)
-    target = 2048 if block_h <= 128 else 1024
+    # ~2048 elements per program for head_dim 256, 1024 for 512 (H100 sweep); q alone (KV-shared
+    # layers) is best at 2 rows of 256 per program: H100, Hq=8, T=512/2048: 3.2/8.7 us vs 4.6/11.0
+    # at 8 rows (Inductor 3.1/9.1; benchmarks/RESULTS.md)
+    target = (2048 if block_h <= 128 else 1024) if has_kv else 512
     rows = _rows_per_program(rq + (rk if kv_same else 2 * rk), 2 * block_h, rows_per_program, target=target)
     q_progs = triton.cdiv(rq, rows)
     k_progs = triton.cdiv(rk, rows)

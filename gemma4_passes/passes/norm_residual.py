@@ -127,6 +127,17 @@ def residual_feeds_a_norm(residual: Node) -> bool:
     return is_op(src, fused_op("rmsnorm_add_rmsnorm")) and is_getitem(residual, src, 1)
 
 
+def _inductor_faster(add: Node) -> bool:
+    """Static shapes where Inductor's own fusion of the epilogue measured faster than ours."""
+    from ..kernels.norm_residual import prefer_inductor
+
+    v = val(add)
+    n, numel = v.shape[-1], v.numel()
+    if not isinstance(n, int) or not isinstance(numel, int) or n == 0:
+        return False  # symbolic (dynamic=True): no guard on the size is added here
+    return prefer_inductor(numel // n, n)
+
+
 @dataclass
 class EpilogueMatch:
     norm_add: NormAdd
@@ -155,6 +166,9 @@ class _EpilogueFusion(FusionPass):
                 continue
             m = self._extend(na)
             if m is None or not self.classify(m) or m.nodes & taken:
+                continue
+            if _inductor_faster(na.add):
+                log.debug("%s: %s left to Inductor (faster at this shape)", self.name, node)
                 continue
             outputs = [m.residual_out] + ([m.next_norm.output] if m.next_norm else [])
             if not is_closed(m.nodes, outputs):
@@ -281,7 +295,7 @@ class PostAttnNorm(_EpilogueFusion):
         taken = set().union(*(m.nodes for m in matches)) if matches else set()
         for node in graph.nodes:
             m = match_fp32_sum_norm_add(node)
-            if m is None or m.nodes & taken:
+            if m is None or m.nodes & taken or _inductor_faster(m.add):
                 continue
             # the residual's upcast may be shared (CSE); it is erased only if nothing else reads it
             if not is_closed(m.nodes, [m.residual_out, m.next_norm.output]):

@@ -197,5 +197,8 @@ def test_cuda_ops_use_triton_and_capture_in_cuda_graph():
     for (name, args), got in zip(samples, outs):
         ref = _as_tuple(_REFS[name](*[a.cpu() if isinstance(a, torch.Tensor) else a for a in args]))
         for g, e in zip(got, ref):
+            assert g.shape == e.shape, (name, g.shape, e.shape)
+            if e.numel() == 0:  # moe_branch_combine without a next norm: empty normed output
+                continue
             d = (g.cpu().float() - e.float()).abs().max().item()
             assert d <= 2 ** -6 * max(1.0, e.float().abs().max().item()), (name, d)

@@ -298,3 +298,20 @@ def test_dynamic_symbolic_eps_no_match_no_crash(where):
     case.assert_only(0)
     case.assert_unchanged()
     case.assert_parity()
+
+
+def test_left_to_inductor_where_it_measured_faster():
+    # 31B-wide rows (> 4096) at 256-2047 rows: Inductor's own fusion is faster there (H100), so the
+    # site stays unfused; 128 rows of the same width still fuse
+    from gemma4_passes.kernels.norm_residual import prefer_inductor
+
+    assert prefer_inductor(512, 5376) and not prefer_inductor(128, 5376) and not prefer_inductor(512, 2816)
+    assert not prefer_inductor(2048, 5376)
+    n = 4104
+    mk = lambda rows: (act(1, rows, n, dtype=torch.float32), act(1, rows, n, dtype=torch.float32),  # noqa: E731
+                       weight(n), weight(n), 1e-6, 1e-6)
+    case = run_case(post_attn_hf, mk(256), FUSION)
+    case.assert_only(0)
+    case = run_case(post_attn_hf, mk(8), FUSION)
+    case.assert_only(1)
+    case.assert_parity()
