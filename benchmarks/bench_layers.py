@@ -95,6 +95,7 @@ class ShapeResult:
     variants: dict = field(default_factory=dict)  # name -> VariantResult
     parity_ok: bool | None = None
     parity_note: str = ""
+    expected: dict | None = None  # expected matches for this token count (shape-gated fusions)
     hidden_ulp: float = 0.0  # bf16 ulp at max |eager hidden| (the parity floor)
     logit_ulp: float = 0.0
     seconds: float = 0.0
@@ -278,6 +279,10 @@ def bench_preset(name: str, args, device, budget: common.Budget, share_s: float,
                 continue
             t_shape = time.perf_counter()
             sr = ShapeResult(tokens=T)
+            try:
+                sr.expected = expected_matches(p, rows=T)
+            except Exception:  # noqa: BLE001
+                sr.expected = None
             ids = torch.randint(0, vocab, (1, T), generator=gen).to(device)
             with torch.inference_mode():
                 refs = {}
@@ -373,13 +378,14 @@ def table_rows(results: list[PresetResult]) -> list[list]:
 def match_rows(results: list[PresetResult]) -> list[list]:
     rows = []
     for pr in results:
-        found = None
+        found, exp = None, None
         for sr in pr.shapes:
             vr = sr.variants.get("passes")
             if vr and vr.matches is not None:
-                found = vr.matches
+                found, exp = vr.matches, sr.expected
                 break
-        exp = pr.expected_matches if isinstance(pr.expected_matches, dict) else {}
+        if exp is None:
+            exp = pr.expected_matches if isinstance(pr.expected_matches, dict) else {}
         names = list(found or exp)
         cells = []
         ok = found is not None and all(found.get(k, 0) == exp.get(k, 0) for k in set(found) | set(exp) if k != "error")

@@ -18,11 +18,13 @@ from typing import Any
 from .passes import DEFAULT_FUSIONS, FUSIONS
 
 
-def expected_matches(preset_or_config: Any, fusions=None) -> dict[str, int]:
+def expected_matches(preset_or_config: Any, fusions=None, rows: int | None = None) -> dict[str, int]:
     """Matches per fusion for one compile of the whole decoder, given the selected fusions.
 
     An MoE layer's post-attention site and FFN tail go to the MoE fusions when they are selected
-    (they run first), else to ``post_attn_norm`` / ``ffn_tail``.
+    (they run first), else to ``post_attn_norm`` / ``ffn_tail``.  ``rows``: the static token count
+    of the compiled graph, if known; where Inductor's own fusion measured faster for that many rows
+    of this hidden size the norm epilogues are left unfused (``kernels.norm_residual.prefer_inductor``).
     """
     from .models import describe
 
@@ -41,5 +43,11 @@ def expected_matches(preset_or_config: Any, fusions=None) -> dict[str, int]:
         "qkv_norm": len(layers),
         "moe_router": sum(l["is_moe"] for l in layers),
     }
+    if rows is not None:
+        from .kernels.norm_residual import prefer_inductor
+
+        if prefer_inductor(int(rows), int(describe(preset_or_config)["hidden_size"])):
+            for name in ("post_attn_norm", "ffn_tail", "ple_tail"):
+                per_fusion[name] = 0
     # every fusion is listed (the match report lists them all); the unselected ones expect 0
     return {name: per_fusion.get(name, 0) if name in selected else 0 for name in FUSIONS}

@@ -307,6 +307,12 @@ def test_left_to_inductor_where_it_measured_faster():
 
     assert prefer_inductor(512, 5376) and not prefer_inductor(128, 5376) and not prefer_inductor(512, 2816)
     assert not prefer_inductor(2048, 5376)
+    # the expected-match table knows it (31B: hidden 5376, 60 layers)
+    from gemma4_passes.expected import expected_matches
+
+    assert expected_matches("31b", rows=512)["post_attn_norm"] == 0
+    assert expected_matches("31b", rows=512)["qkv_norm"] == 60
+    assert expected_matches("31b", rows=8)["post_attn_norm"] == expected_matches("31b")["post_attn_norm"] == 60
     n = 4104
     mk = lambda rows: (act(1, rows, n, dtype=torch.float32), act(1, rows, n, dtype=torch.float32),  # noqa: E731
                        weight(n), weight(n), 1e-6, 1e-6)
