@@ -19,7 +19,7 @@ def clean_slot():
 def test_available_fusions_and_unknown_name():
     names = gemma4_passes.available_fusions()
     assert names == ["moe_input_norms", "post_attn_norm", "moe_branch_combine", "ffn_tail", "ple_tail", "ple_gate",
-                     "qkv_norm", "moe_router"]
+                     "qkv_norm", "moe_router", "allreduce_norm"]
     with pytest.raises(ValueError) as e:
         gemma4_passes.enable(fusions=["post_attn_norm", "no_such_fusion"])
     assert "no_such_fusion" in str(e.value) and "qkv_norm" in str(e.value)
@@ -28,7 +28,8 @@ def test_available_fusions_and_unknown_name():
 
 def test_default_set_and_all():
     # ple_gate does not beat Inductor (benchmarks/RESULTS.md): available by name, off by default
-    assert gemma4_passes.default_fusions() == [n for n in gemma4_passes.available_fusions() if n != "ple_gate"]
+    off = ("ple_gate", "allreduce_norm")  # measured no faster / no gain until its one-shot kernel exists
+    assert gemma4_passes.default_fusions() == [n for n in gemma4_passes.available_fusions() if n not in off]
     assert gemma4_passes.build_pass().fusions == tuple(gemma4_passes.default_fusions())
     assert gemma4_passes.build_pass("all").fusions == tuple(gemma4_passes.available_fusions())
     assert gemma4_passes.build_pass(["ple_gate"]).fusions == ("ple_gate",)

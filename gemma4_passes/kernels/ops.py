@@ -1,6 +1,7 @@
 """``torch.library`` custom ops (namespace ``gemma4_passes``) over the fused Gemma-4 kernels.
 
-Schemas::
+Schemas (plus ``allreduce_rmsnorm_add`` / ``allreduce_rmsnorm_add_rmsnorm``: the same epilogues after
+a sum over a c10d process group, ``..., str group_name``)::
 
     gemma4_passes::rmsnorm_add(Tensor x, Tensor residual, Tensor weight, Tensor? scalar, float eps) -> Tensor
     gemma4_passes::rmsnorm_add_rmsnorm(Tensor x, Tensor residual, Tensor weight, Tensor? scalar,
@@ -42,7 +43,8 @@ from . import reference as _ref
 
 NAMESPACE = "gemma4_passes"
 OP_NAMES = ("rmsnorm_add", "rmsnorm_add_rmsnorm", "gelu_tanh_mul", "q_norm_rope", "qkv_norm_rope",
-            "moe_input_norms", "moe_branch_combine", "moe_router")
+            "moe_input_norms", "moe_branch_combine", "moe_router", "allreduce_rmsnorm_add",
+            "allreduce_rmsnorm_add_rmsnorm")
 
 try:  # the CUDA implementations need Triton; without it the reference serves every device
     from .gelu_mul import gelu_tanh_mul_triton
@@ -246,6 +248,38 @@ def _moe_router_cuda(logits, per_expert_scale, top_k, topk_first=False):
         return moe_router_triton(logits, per_expert_scale, top_k, _router_form(topk_first))
 
 
+# ---- allreduce_rmsnorm_add[_rmsnorm] ------------------------------------------------------------
+# The tensor-parallel epilogue: sum x over the process group ``group_name`` (a c10d group name, as
+# the graph's ``_c10d_functional.all_reduce`` names it), then the spine's norm/residual kernel.
+# This implementation is the graph's own all-reduce followed by the fused epilogue (correct on any
+# device and world size); the one-shot symmetric-memory kernel that does both in one launch is
+# issue 4's remaining work and will replace it on CUDA.
+
+
+def _all_reduce_sum(x: torch.Tensor, group_name: str) -> torch.Tensor:
+    c10d = torch.ops._c10d_functional
+    return c10d.wait_tensor(c10d.all_reduce(x, "sum", group_name))
+
+
+def _allreduce_rmsnorm_add(x, residual, weight, scalar, eps, group_name):
+    return rmsnorm_add(_all_reduce_sum(x, group_name), residual, weight, scalar, eps)
+
+
+def _allreduce_rmsnorm_add_fake(x, residual, weight, scalar, eps, group_name):
+    return _empty_like_contig(x)
+
+
+def _allreduce_rmsnorm_add_rmsnorm(x, residual, weight, scalar, next_weight, eps, next_eps, unrounded_sum,
+                                   group_name):
+    return tuple(rmsnorm_add_rmsnorm(_all_reduce_sum(x, group_name), residual, weight, scalar, next_weight, eps,
+                                     next_eps, unrounded_sum))
+
+
+def _allreduce_rmsnorm_add_rmsnorm_fake(x, residual, weight, scalar, next_weight, eps, next_eps, unrounded_sum,
+                                        group_name):
+    return _rmsnorm_add_rmsnorm_fake(x, residual, weight, scalar, next_weight, eps, next_eps, unrounded_sum)
+
+
 _SCHEMAS = {
     "rmsnorm_add": "(Tensor x, Tensor residual, Tensor weight, Tensor? scalar, float eps) -> Tensor",
     "rmsnorm_add_rmsnorm": (
@@ -257,6 +291,13 @@ _SCHEMAS = {
     "qkv_norm_rope": (
         "(Tensor q, Tensor k, Tensor v, Tensor q_weight, Tensor k_weight, Tensor cos, Tensor sin, "
         "float q_eps, float k_eps, float v_eps) -> (Tensor, Tensor, Tensor)"
+    ),
+    "allreduce_rmsnorm_add": (
+        "(Tensor x, Tensor residual, Tensor weight, Tensor? scalar, float eps, str group_name) -> Tensor"
+    ),
+    "allreduce_rmsnorm_add_rmsnorm": (
+        "(Tensor x, Tensor residual, Tensor weight, Tensor? scalar, Tensor? next_weight, float eps, "
+        "float next_eps, bool unrounded_sum, str group_name) -> (Tensor normed, Tensor residual_out)"
     ),
     "moe_input_norms": (
         "(Tensor x, Tensor residual, Tensor weight, Tensor pre_weight, Tensor pre2_weight, Tensor router_scale, "
@@ -282,6 +323,8 @@ _SPECS = {
     "moe_input_norms": (_moe_input_norms, _moe_input_norms_fake, "_moe_input_norms_cuda"),
     "moe_branch_combine": (_moe_branch_combine, _moe_branch_combine_fake, "_moe_branch_combine_cuda"),
     "moe_router": (_moe_router, _moe_router_fake, "_moe_router_cuda"),
+    "allreduce_rmsnorm_add": (_allreduce_rmsnorm_add, _allreduce_rmsnorm_add_fake, None),
+    "allreduce_rmsnorm_add_rmsnorm": (_allreduce_rmsnorm_add_rmsnorm, _allreduce_rmsnorm_add_rmsnorm_fake, None),
 }
 
 #: the CustomOpDef objects created by THIS module instance (empty for ops registered earlier)
@@ -297,7 +340,7 @@ def ensure_registered() -> None:
             f"{NAMESPACE}::{name}", impl, mutates_args=(), schema=_SCHEMAS[name]
         )
         opdef.register_fake(fake)
-        if HAVE_TRITON:
+        if HAVE_TRITON and cuda_name is not None:
             opdef.register_kernel("cuda")(globals()[cuda_name])
         _OPDEFS[name] = opdef
 
@@ -312,3 +355,5 @@ qkv_norm_rope = torch.ops.gemma4_passes.qkv_norm_rope
 moe_input_norms = torch.ops.gemma4_passes.moe_input_norms
 moe_branch_combine = torch.ops.gemma4_passes.moe_branch_combine
 moe_router = torch.ops.gemma4_passes.moe_router
+allreduce_rmsnorm_add = torch.ops.gemma4_passes.allreduce_rmsnorm_add
+allreduce_rmsnorm_add_rmsnorm = torch.ops.gemma4_passes.allreduce_rmsnorm_add_rmsnorm

@@ -8,6 +8,7 @@ run before the dense ones, which would otherwise take the same residual adds.
 
 from __future__ import annotations
 
+from .allreduce_norm import AllReduceNorm
 from .base import FusionPass
 from .moe_norms import MoeBranchCombine, MoeInputNorms
 from .moe_router import MoeRouter
@@ -24,6 +25,7 @@ FUSION_CLASSES: tuple[type[FusionPass], ...] = (
     PleGate,
     QkvNorm,
     MoeRouter,
+    AllReduceNorm,  # after the epilogue fusions: it folds the all-reduce into their ops
 )
 
 FUSIONS: dict[str, type[FusionPass]] = {cls.name: cls for cls in FUSION_CLASSES}

@@ -31,6 +31,12 @@ SCHEMAS = {
     "float? next_eps) -> (Tensor normed, Tensor residual_out)",
     "moe_router": "gemma4_passes::moe_router(Tensor logits, Tensor per_expert_scale, int top_k, "
     "bool topk_first=False) -> (Tensor weights, Tensor ids)",
+    # all-reduce + epilogue (run under a process group: tests/passes/test_allreduce_norm.py)
+    "allreduce_rmsnorm_add": "gemma4_passes::allreduce_rmsnorm_add(Tensor x, Tensor residual, Tensor weight, "
+    "Tensor? scalar, float eps, str group_name) -> Tensor",
+    "allreduce_rmsnorm_add_rmsnorm": "gemma4_passes::allreduce_rmsnorm_add_rmsnorm(Tensor x, Tensor residual, "
+    "Tensor weight, Tensor? scalar, Tensor? next_weight, float eps, float next_eps, bool unrounded_sum, "
+    "str group_name) -> (Tensor normed, Tensor residual_out)",
 }
 
 
