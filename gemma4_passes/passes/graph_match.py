@@ -262,7 +262,7 @@ def rmsnorm_consumers(x: Node) -> list[RmsNorm]:
     starts = [x] + [u for u in x.users if is_upcast(u)]
     for s in starts:
         for u in s.users:
-            for out in _candidate_outputs(u):
+            for out in candidate_outputs(u):
                 if out in seen:
                     continue
                 n = match_rmsnorm(out)
@@ -281,7 +281,7 @@ def rmsnorm_consumers(x: Node) -> list[RmsNorm]:
     return [n for n in found if not inner_only(n)]
 
 
-def _candidate_outputs(start: Node, depth: int = 6) -> Iterable[Node]:
+def candidate_outputs(start: Node, depth: int = 6) -> Iterable[Node]:
     """Nodes reachable from ``start`` within a few steps: the possible norm outputs."""
     frontier, seen = [start], {start}
     for _ in range(depth):

@@ -114,13 +114,18 @@ class InputNormsMatch:
     router: RouterInput
     nodes: set
 
+    @property
+    def outputs(self) -> list[Node]:
+        return [self.norm_add.add, self.pre.output, self.pre2.output, self.router.out]
 
-class MoeInputNorms(FusionPass):
-    name = "moe_input_norms"
-    description = ("MoE layer: residual + rms(attn) -> pre_ff, pre_ff_2 and router norms (shared variance), "
-                   "one kernel")
 
-    def find(self, graph: Graph) -> list[InputNormsMatch]:
+class _ResidualSiteFusion(FusionPass):
+    """Finds disjoint, closed matches grown from each ``residual + rms(x, w)`` add."""
+
+    def _extend(self, na: NormAdd):
+        raise NotImplementedError
+
+    def find(self, graph: Graph) -> list:
         found, taken = [], set()
         for node in graph.nodes:
             na = match_norm_add(node)
@@ -129,13 +134,18 @@ class MoeInputNorms(FusionPass):
             m = self._extend(na)
             if m is None or m.nodes & taken:
                 continue
-            outs = [na.add, m.pre.output, m.pre2.output, m.router.out]
-            if not is_closed(m.nodes, outs):
+            if not is_closed(m.nodes, m.outputs):
                 log.debug("%s: %s has users outside the pattern", self.name, node)
                 continue
             taken |= m.nodes
             found.append(m)
         return found
+
+
+class MoeInputNorms(_ResidualSiteFusion):
+    name = "moe_input_norms"
+    description = ("MoE layer: residual + rms(attn) -> pre_ff, pre_ff_2 and router norms (shared variance), "
+                   "one kernel")
 
     def _extend(self, na: NormAdd) -> InputNormsMatch | None:
         s = na.add
@@ -199,28 +209,15 @@ class CombineMatch:
     def residual_out(self) -> Node:
         return self.scale.out if self.scale else self.norm_add.add
 
+    @property
+    def outputs(self) -> list[Node]:
+        return [self.residual_out] + ([self.next_norm.output] if self.next_norm else [])
 
-class MoeBranchCombine(FusionPass):
+
+class MoeBranchCombine(_ResidualSiteFusion):
     name = "moe_branch_combine"
     description = ("MoE layer: residual + rms(rms(h1) + rms(h2)) [* layer_scalar] -> next input norm, "
                    "one kernel")
-
-    def find(self, graph: Graph) -> list[CombineMatch]:
-        found, taken = [], set()
-        for node in graph.nodes:
-            na = match_norm_add(node)
-            if na is None:
-                continue
-            m = self._extend(na)
-            if m is None or m.nodes & taken:
-                continue
-            outs = [m.residual_out] + ([m.next_norm.output] if m.next_norm else [])
-            if not is_closed(m.nodes, outs):
-                log.debug("%s: %s has users outside the pattern", self.name, node)
-                continue
-            taken |= m.nodes
-            found.append(m)
-        return found
 
     def _extend(self, na: NormAdd) -> CombineMatch | None:
         h = na.norm.input

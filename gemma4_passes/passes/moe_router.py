@@ -21,7 +21,7 @@ import torch
 from torch.fx import Graph, Node
 
 from .base import FusionPass, GraphEditor, fused_op, log
-from .graph_match import binary_operands, is_closed, is_getitem, is_op, is_upcast, val
+from .graph_match import candidate_outputs, binary_operands, is_closed, is_getitem, is_op, is_upcast, val
 
 aten = torch.ops.aten
 
@@ -103,19 +103,6 @@ def _scaled_by_expert(w: Node, ids: Node) -> tuple[Node, Node, Node] | None:
     return mul, idx, pes
 
 
-def _near_users(start: Node, depth: int):
-    frontier, seen = [start], {start}
-    for _ in range(depth):
-        nxt = []
-        for n in frontier:
-            for u in n.users:
-                if u not in seen:
-                    seen.add(u)
-                    nxt.append(u)
-                    yield u
-        frontier = nxt
-
-
 @dataclass
 class RouterMatch:
     logits: Node
@@ -169,7 +156,7 @@ def match_router(topk: Node) -> RouterMatch | None:
         up = ups[0] if len(vals.users) == 1 and ups else None
         src = up if up is not None else vals  # fp32 logits: no upcast
         sm2 = p = None
-        for cand in _near_users(src, 3):  # the softmax's output: src -> sub -> exp -> div
+        for cand in candidate_outputs(src, 3):  # the softmax's output: src -> sub -> exp -> div
             found = match_softmax(cand)
             if found is not None and found[0] is src:
                 p, sm2 = cand, found

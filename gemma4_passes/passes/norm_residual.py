@@ -27,6 +27,7 @@ from .base import FusionPass, GraphEditor, fused_op, log
 from .graph_match import (
     RmsNorm,
     binary_operands,
+    candidate_outputs,
     dtype_of,
     is_cast_to,
     is_closed,
@@ -272,17 +273,9 @@ def match_fp32_sum_norm_add(add: Node) -> Fp32SumMatch | None:
 
 def _norm_outputs_from(start: Node):
     """Casts to a low-precision dtype reachable from ``start``: candidate norm outputs."""
-    frontier, seen = [start], {start}
-    for _ in range(5):
-        nxt = []
-        for n in frontier:
-            if is_op(n, prims.convert_element_type.default) and n.args[1] != torch.float32:
-                yield n
-            for u in n.users:
-                if u not in seen and u.op == "call_function":
-                    seen.add(u)
-                    nxt.append(u)
-        frontier = nxt
+    for n in candidate_outputs(start, 5):
+        if is_op(n, prims.convert_element_type.default) and n.args[1] != torch.float32:
+            yield n
 
 
 class PostAttnNorm(_EpilogueFusion):
