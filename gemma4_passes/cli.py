@@ -159,6 +159,11 @@ def cmd_dump(args) -> int:
     return 0 if files else 1
 
 
+#: subcommands kept in their own modules: ``gemma4_passes.commands.<name>.add_parser(sub, common)``
+#: adds the subparser (``common(p, preset_help)`` adds the shared options) and sets ``func``.
+COMMAND_MODULES: tuple[str, ...] = ()
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="gemma4-passes", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -191,6 +196,11 @@ def build_parser() -> argparse.ArgumentParser:
     common(du, "a preset name (default tiny-e4b)")
     du.add_argument("--out", required=True)
     du.set_defaults(func=cmd_dump)
+
+    import importlib
+
+    for name in COMMAND_MODULES:
+        importlib.import_module(f"gemma4_passes.commands.{name}").add_parser(sub, common)
     return ap
 
 

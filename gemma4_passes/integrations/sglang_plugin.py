@@ -152,6 +152,22 @@ HOOKS: dict[str, Callable] = {
 }
 
 
+#: modules of ``gemma4_passes.integrations`` with more SGLang hooks (runtime shims): each exposes
+#: ``SGLANG_HOOKS``, a list of ``(target_path, hook, hook_type_name)`` with hook_type_name one of
+#: SGLang's ``HookType`` member names ("BEFORE", "AFTER", "AROUND", "REPLACE").
+FEATURE_MODULES: tuple[str, ...] = ()
+
+
+def all_hooks() -> list[tuple[str, Callable, str]]:
+    """Every (target, hook, hook type name) this plugin registers, in order."""
+    import importlib
+
+    hooks = [(target, hook, "AFTER") for target, hook in HOOKS.items()]
+    for name in FEATURE_MODULES:
+        hooks.extend(importlib.import_module(f"gemma4_passes.integrations.{name}").SGLANG_HOOKS)
+    return hooks
+
+
 def _registered(registry, target: str, hook: Callable) -> bool:
     # HookRegistry._hooks is a defaultdict(list) of (HookType, hook, source);
     # .get() does not create an entry.
@@ -178,8 +194,8 @@ def register() -> None:
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
     added = []
-    for target, hook in HOOKS.items():
+    for target, hook, kind in all_hooks():
         if not _registered(HookRegistry, target, hook):
-            HookRegistry.register(target, hook, HookType.AFTER)
+            HookRegistry.register(target, hook, getattr(HookType, kind))
             added.append(target)
     log.debug("gemma4_passes: registered SGLang hooks on %s", added or "nothing (already registered)")

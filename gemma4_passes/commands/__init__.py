@@ -1,0 +1,1 @@
+"""``gemma4-passes`` subcommands that live in modules of their own (see ``cli.COMMAND_MODULES``)."""
