@@ -1,0 +1,113 @@
+"""Which inputs and outputs of a compiled piece scale with its token count.
+
+A piece is captured as a CUDA graph per token-count bucket: its token-sized inputs are copied
+into bucket-sized static buffers (the rows past the real count are padding) and its token-sized
+outputs are sliced back.  That is only sound when the piece's shapes depend on ONE size symbol
+and only as a whole dimension (``[s, hidden]``, not ``[2*s]`` or ``[s, s]``): then every row is
+computed on its own and the padded rows never touch the real ones.  This module reads that off
+the fake (symbolic) inputs and outputs the piece was compiled with.
+
+Each piece is analysed on its own, so a piece after a row cut (YOCO: the KV-shared layers run on
+the last token of each request only) gets the symbol of the cut size and is captured at that
+size, independently of the pieces before it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+
+@dataclass(frozen=True)
+class PieceShape:
+    """How a piece's inputs/outputs depend on its token count.
+
+    ``symbol``: the piece's one size symbol (None for a piece with static shapes).
+    ``token_inputs`` / ``token_outputs``: (position, dim) of every tensor whose dim ``dim`` is the
+    symbol; ``symint_inputs`` / ``symint_outputs``: positions of plain sizes equal to it.
+    ``reason``: why the piece cannot be captured per bucket (None when it can).
+    """
+
+    symbol: Any = None
+    token_inputs: tuple[tuple[int, int], ...] = ()
+    symint_inputs: tuple[int, ...] = ()
+    token_outputs: tuple[tuple[int, int], ...] = ()
+    symint_outputs: tuple[int, ...] = ()
+    reason: str | None = None
+
+    @property
+    def capturable(self) -> bool:
+        return self.reason is None
+
+    @property
+    def static(self) -> bool:
+        return self.symbol is None
+
+    def runtime_size(self, args: Sequence[Any]) -> int | None:
+        """The token count of a real call (None for a static piece)."""
+        if self.static:
+            return None
+        if self.token_inputs:
+            i, d = self.token_inputs[0]
+            return int(args[i].shape[d])
+        return int(args[self.symint_inputs[0]])
+
+
+def _expr(x: Any):
+    if isinstance(x, torch.SymInt):
+        return x.node.expr
+    return None
+
+
+class _Collector:
+    def __init__(self) -> None:
+        self.symbols: set = set()
+        self.problems: list[str] = []
+
+    def note(self, where: str, expr) -> bool:
+        """Record one size; True when it is exactly a free symbol."""
+        if expr is None:
+            return False
+        free = expr.free_symbols
+        if not free:
+            return False
+        self.symbols |= free
+        if len(free) == 1 and expr == next(iter(free)):
+            return True
+        self.problems.append(f"{where} has size {expr}, not a plain symbol")
+        return False
+
+    def tensor(self, where: str, t: torch.Tensor) -> list[int]:
+        dims = [d for d, s in enumerate(t.shape) if self.note(f"{where} dim {d}", _expr(s))]
+        if len(dims) > 1:
+            self.problems.append(f"{where} has {len(dims)} token-sized dims {tuple(t.shape)}")
+        return dims[:1]
+
+
+def analyse_piece(args: Sequence[Any], outs: Sequence[Any]) -> PieceShape:
+    """The :class:`PieceShape` of a piece from its fake (symbolic) inputs and outputs."""
+    c = _Collector()
+    tin, sin, tout, sout = [], [], [], []
+    for i, a in enumerate(args):
+        if isinstance(a, torch.Tensor):
+            tin += [(i, d) for d in c.tensor(f"input {i}", a)]
+        elif c.note(f"input {i}", _expr(a)):
+            sin.append(i)
+    for i, o in enumerate(outs):
+        if isinstance(o, torch.Tensor):
+            tout += [(i, d) for d in c.tensor(f"output {i}", o)]
+        elif c.note(f"output {i}", _expr(o)):
+            sout.append(i)
+    reason = None
+    if len(c.symbols) > 1:
+        reason = f"shapes depend on {len(c.symbols)} size symbols {sorted(map(str, c.symbols))}"
+    elif c.problems:
+        reason = c.problems[0]
+    elif any(str(s).startswith("u") for s in c.symbols):
+        reason = "a data-dependent (unbacked) size"
+    elif c.symbols and not (tin or sin):
+        reason = "the token count is not visible in the inputs"
+    symbol = next(iter(c.symbols)) if len(c.symbols) == 1 else None
+    return PieceShape(symbol, tuple(tin), tuple(sin), tuple(tout), tuple(sout), reason)
