@@ -30,7 +30,7 @@ Tokens a request needs (``L`` = prompt + output tokens, ``W`` = SGLang's window)
   running request keeps its last window plus the tokens decoded since the last SWA eviction
   (every ``SGLANG_SWA_EVICTION_INTERVAL`` = 128 steps, ``environ.py:730``) plus one page of
   eviction alignment and one page of decode allocation -- SGLang's own per-request worst case
-  (``compute_swa_request_cap``, ``model_executor/pool_configurator.py:907-965``).
+  (``compute_swa_request_cap``, ``model_executor/pool_configurator.py:924-968``).
 * plus, once for the whole SWA pool, the prefill chunks in flight:
   ``chunks_in_flight * min(chunked_prefill_size, ceil_page(L)) + page_size`` (same function;
   2 chunks with the overlap scheduler, 1 without): a chunk writes all its tokens into the SWA
@@ -43,10 +43,10 @@ Tokens a request needs (``L`` = prompt + output tokens, ``W`` = SGLang's window)
 How SGLang turns ``swa_full_tokens_ratio`` into the two pools
 -------------------------------------------------------------
 ``HybridSWAPoolConfigurator`` (``model_executor/pool_configurator.py``): bytes per "token" =
-``full_bytes + ratio * swa_bytes`` (``_recompute_cell_size``, 787-803);
-``max_total = int(budget // cell)`` (``calculate_pool_sizes``, 940-949); ``full_tokens =
+``full_bytes + ratio * swa_bytes`` (``_recompute_cell_size``, 786-802);
+``max_total = int(budget // cell)`` (``calculate_pool_sizes``, 907-916); ``full_tokens =
 page_floor(max_total)``, ``swa_tokens = page_floor(int(full_tokens * ratio))``
-(``_solve_pool_sizes``, 836-868). The ratio is ``swa_tokens / full_tokens`` and must be in
+(``_solve_pool_sizes``, 859-893). The ratio is ``swa_tokens / full_tokens`` and must be in
 ``(0, 1]`` (``arg_groups/kv_cache_hook.py:427``); unset, it falls back to 0.8
 (``arg_groups/fields/schedule.py:150-162``). :func:`sglang_pool_sizes` is that formula.
 
@@ -327,8 +327,8 @@ def sglang_pool_sizes(budget_bytes: int, ratio: float, full_bytes: int, swa_byte
     """(full_tokens, swa_tokens) SGLang 0.5.23 allocates for ``ratio`` and a KV budget.
 
     ``HybridSWAPoolConfigurator`` without a draft model or unified memory
-    (``model_executor/pool_configurator.py``: ``_recompute_cell_size`` 787-803,
-    ``calculate_pool_sizes`` 940-949, ``_solve_pool_sizes`` 836-868).
+    (``model_executor/pool_configurator.py``: ``_recompute_cell_size`` 786-802,
+    ``calculate_pool_sizes`` 907-916, ``_solve_pool_sizes`` 859-893).
     """
     if not 0 < ratio <= 1.0:
         raise ValueError(f"swa_full_tokens_ratio must be in (0, 1], got {ratio}")
