@@ -155,7 +155,7 @@ HOOKS: dict[str, Callable] = {
 #: modules of ``gemma4_passes.integrations`` with more SGLang hooks (runtime shims): each exposes
 #: ``SGLANG_HOOKS``, a list of ``(target_path, hook, hook_type_name)`` with hook_type_name one of
 #: SGLang's ``HookType`` member names ("BEFORE", "AFTER", "AROUND", "REPLACE").
-FEATURE_MODULES: tuple[str, ...] = ("sglang_swa",)
+FEATURE_MODULES: tuple[str, ...] = ("sglang_swa", "sglang_yoco")
 
 
 def all_hooks() -> list[tuple[str, Callable, str]]:
