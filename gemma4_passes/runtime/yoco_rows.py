@@ -12,8 +12,8 @@ Forms of the request (``logits_to_keep``):
 * a 2-D LongTensor ``[B, K]``: per batch row its own positions (an extension of transformers' API).
 * ``"last"``: the last real token of every request:
 
-  - padded batch (a 2-D ``attention_mask``, left or right padding): per row the last position whose
-    mask is 1 -> ``[B, 1]``;
+  - padded batch (a 2-D ``attention_mask``, left or right padding; with a cache the mask also covers
+    the cached tokens, as in transformers): per row the last new position whose mask is 1 -> ``[B, 1]``;
   - packed batch (no ``attention_mask``; ``position_ids`` restart at every request boundary): the
     end of every packed request -> ``[B, S]`` with S requests per row (every row must hold the same
     number of requests);
@@ -91,7 +91,8 @@ def needed_rows(
         if request != LAST:
             raise RowSelectionError(f"unknown row request {request!r} (use an int, a LongTensor or {LAST!r})")
         if attention_mask is not None and attention_mask.dim() == 2:
-            return _last_real_token(attention_mask).to(device=device, dtype=torch.long)
+            # transformers' 2-D mask covers the cached tokens too: its last seq_len columns are ours
+            return _last_real_token(attention_mask[:, -seq_len:]).to(device=device, dtype=torch.long)
         if attention_mask is None and position_ids is not None:
             pos = position_ids.expand(batch, -1) if position_ids.shape[0] != batch else position_ids
             ends = packed_ends(pos)

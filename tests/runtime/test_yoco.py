@@ -136,6 +136,26 @@ def test_logits_to_keep_forms(model_fp32, keep):
     assert _rel(fast, ref) <= FP32_REL
 
 
+def test_chunked_right_padded_prefill_with_masks_covering_the_cache(model_fp32):
+    """transformers' 2-D mask spans cached + new tokens; the kept row is each request's last new token."""
+    model = model_fp32
+    ids, mask = _batch("right", (30, 24, 19), seed=6)
+    with torch.no_grad():
+        f1 = model(ids[:, :12], attention_mask=mask[:, :12], use_cache=True)
+        f2 = model(ids[:, 12:], attention_mask=mask, past_key_values=f1.past_key_values, use_cache=True,
+                   logits_to_keep=0)
+        y1 = yoco.yoco_forward(model, ids[:, :12], attention_mask=mask[:, :12], use_cache=True)
+        y2 = yoco.yoco_forward(model, ids[:, 12:], attention_mask=mask, past_key_values=y1.past_key_values,
+                               use_cache=True)
+        nxt = torch.randint(0, 256, (3, 1))
+        mask3 = torch.cat([mask, torch.ones(3, 1, dtype=mask.dtype)], dim=1)
+        d_fast = yoco.yoco_forward(model, nxt, attention_mask=mask3, past_key_values=y2.past_key_values)
+        d_full = model(nxt, attention_mask=mask3, past_key_values=f2.past_key_values)
+    assert y1.logits.shape == (3, 1, model.config.vocab_size)
+    assert _rel(y2.logits, gather_rows(f2.logits, _last_rows(mask[:, 12:]))) <= FP32_REL
+    assert torch.equal(d_fast.logits, d_full.logits)
+
+
 def test_chunked_prefill_then_decode(model_fp32):
     model = model_fp32
     ids = torch.randint(0, 256, (2, 30), generator=torch.Generator().manual_seed(4))
@@ -153,6 +173,16 @@ def test_chunked_prefill_then_decode(model_fp32):
     assert torch.equal(d_fast.logits, d_full.logits)  # decode passes through, same cache
 
 
+def _temper_attention(model, scale=0.25):
+    """Random weights with attention scaling 1.0 give |q.k| ~ sqrt(head_dim): a near one-hot,
+    chaotic softmax. Smaller q/k norm weights make bf16-vs-fp32 errors measure the computation."""
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_norm.weight.mul_(scale)
+            if getattr(layer.self_attn, "k_norm", None) is not None:
+                layer.self_attn.k_norm.weight.mul_(scale)
+
+
 @pytest.mark.parametrize("preset", PRESETS)
 def test_bf16_error_no_worse_than_full_run(preset):
     """bf16: YOCO's error vs the fp32 run at most 1.5x the full bf16 run's; greedy tokens agree."""
@@ -161,6 +191,8 @@ def test_bf16_error_no_worse_than_full_run(preset):
     rows = _last_rows(mask)
     m32 = build_model(preset, seed=11, lm_head_scale=8.0)  # peaked logits: greedy tokens mean something
     m16 = build_model(preset, seed=11, lm_head_scale=8.0, dtype=torch.bfloat16)
+    for m in (m32, m16):
+        _temper_attention(m)
     with torch.no_grad():
         ref = gather_rows(m32(ids, attention_mask=mask, logits_to_keep=0).logits, rows).double()
         full = gather_rows(m16(ids, attention_mask=mask, logits_to_keep=0).logits, rows).double()
@@ -207,6 +239,8 @@ def test_kept_rows_mask_matches_materialised_causal_mask(attn):
 def test_needed_rows_forms():
     mask = torch.tensor([[1, 1, 1, 0], [0, 1, 1, 1], [1, 0, 0, 0]])
     assert needed_rows(LAST, batch=3, seq_len=4, attention_mask=mask).tolist() == [[2], [3], [0]]
+    cached = torch.cat([torch.ones(3, 5, dtype=mask.dtype), mask], dim=1)  # a mask over 5 cached tokens too
+    assert needed_rows(LAST, batch=3, seq_len=4, attention_mask=cached).tolist() == [[2], [3], [0]]
     pos = torch.tensor([[0, 1, 2, 0, 1, 0]])
     assert needed_rows(LAST, batch=1, seq_len=6, position_ids=pos).tolist() == [[2, 4, 5]]
     assert packed_ends(torch.arange(5).unsqueeze(0)) is None
