@@ -9,6 +9,9 @@ The rule per layer (one compiled graph holding every layer):
   ffn_tail             every other layer without PLE (its next norm is the next layer's input
                        norm, or the final norm after the last layer)
   ple_tail, ple_gate   every layer with PLE (E2B/E4B)
+  kv_shared_dead_kv    0: transformers builds no k/v projections in KV-shared layers, so its
+                       graphs hold no dead K/V work (SGLang's merged QKV GEMM does: one match
+                       per KV-shared layer there)
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ def expected_matches(preset_or_config: Any, fusions=None, rows: int | None = Non
         "ple_gate": sum(l["has_ple"] for l in layers),
         "qkv_norm": len(layers),
         "moe_router": sum(l["is_moe"] for l in layers),
+        "kv_shared_dead_kv": 0,
     }
     if rows is not None:
         from .kernels.norm_residual import prefer_inductor

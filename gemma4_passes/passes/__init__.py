@@ -4,12 +4,15 @@ Order matters where one fusion's output is another's input: the post-attention
 epilogue runs before the FFN/PLE tails (a tail recognises the post-attention
 residual either as a plain add or as that fusion's output).  The MoE-layer fusions
 run before the dense ones, which would otherwise take the same residual adds.
+``kv_shared_dead_kv`` runs first: it only removes work (the K/V columns of a KV-shared
+layer's QKV GEMM), so every later pass, qkv_norm included, sees the shrunk graph.
 """
 
 from __future__ import annotations
 
 from .allreduce_norm import AllReduceNorm
 from .base import FusionPass
+from .dead_kv import KvSharedDeadKv
 from .moe_norms import MoeBranchCombine, MoeInputNorms
 from .moe_router import MoeRouter
 from .norm_residual import FfnTail, PleTail, PostAttnNorm
@@ -17,6 +20,7 @@ from .ple_gate import PleGate
 from .qkv_norm import QkvNorm
 
 FUSION_CLASSES: tuple[type[FusionPass], ...] = (
+    KvSharedDeadKv,  # first: removes dead K/V work before anything matches on the graph
     MoeInputNorms,
     PostAttnNorm,
     MoeBranchCombine,
