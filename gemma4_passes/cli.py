@@ -161,7 +161,7 @@ def cmd_dump(args) -> int:
 
 #: subcommands kept in their own modules: ``gemma4_passes.commands.<name>.add_parser(sub, common)``
 #: adds the subparser (``common(p, preset_help)`` adds the shared options) and sets ``func``.
-COMMAND_MODULES: tuple[str, ...] = ("plan_kv",)
+COMMAND_MODULES: tuple[str, ...] = ("plan_kv", "bench")
 
 
 def build_parser() -> argparse.ArgumentParser:
