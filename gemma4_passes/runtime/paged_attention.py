@@ -8,13 +8,16 @@ The op (a split op of the piecewise backend, so it always runs eagerly between c
         Tensor? k, Tensor? v,       # [T, Hkv, D]  the new tokens' K/V; None in KV-shared layers
         Tensor(a!) k_cache,         # [pages, page_size, Hkv, D]  the (owner) layer's pool storage
         Tensor(b!) v_cache,
-        Tensor slot_mapping,        # [T] int64  flat slot of each new token in this pool, -1 = padding
+        Tensor slot_mapping,        # [T] int64  flat slot of each new token in this pool
         Tensor page_table,          # [B, max_pages] int32  per request, logical page -> page (-1: none)
         Tensor query_start_loc,     # [B+1] int32 (host)  request r's queries are q[qsl[r]:qsl[r+1]]
         Tensor seq_lens,            # [B] int32 (host)  request length including this batch's tokens
         int sliding_window,         # 0: full attention
         float scale,                # Gemma-4: 1.0 (q/k are RMS-normed instead)
-    ) -> Tensor                     # [T, Hq, D], q's dtype; padding rows are 0
+    ) -> Tensor                     # [T, Hq, D], q's dtype
+
+Rows from ``query_start_loc[-1]`` to ``T`` are padding (a CUDA-graph bucket's): not written, and
+their output is 0.
 
 Request r's queries are its last ``n = qsl[r+1] - qsl[r]`` tokens, at positions
 ``seq_lens[r] - n .. seq_lens[r] - 1`` (decode: n = 1; prefill/extend: n > 1).  When ``k``/``v`` are
@@ -43,6 +46,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .paged_cache import FULL_POOL, SLIDING_POOL, PagedKVCache
 
@@ -63,20 +67,25 @@ _OP = "gemma4_passes::paged_attention"
 # ------------------------------------------------------------------------------------------------
 # The op
 # ------------------------------------------------------------------------------------------------
-def _write_new_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
-    """Store the new tokens' K/V at their slots (padding tokens, slot -1, are skipped)."""
+def _write_new_kv(k, v, k_cache, v_cache, slot_mapping, num_real: int) -> None:
+    """Store the real tokens' K/V at their slots; rows from ``num_real`` on are padding."""
     kc = k_cache.view(-1, k_cache.shape[-2], k_cache.shape[-1])
     vc = v_cache.view(-1, v_cache.shape[-2], v_cache.shape[-1])
-    slots = slot_mapping.long()
-    real = slots >= 0
-    if not bool(real.all()):
-        slots, k, v = slots[real], k[real], v[real]
-    kc.index_copy_(0, slots, k.to(kc.dtype))
-    vc.index_copy_(0, slots, v.to(vc.dtype))
+    slots = slot_mapping[:num_real].long()
+    # A negative slot would wrap to the end of the pool; check where it costs no device sync.
+    if slots.device.type == "cpu" and bool((slots < 0).any()):
+        raise ValueError("paged_attention: a real token has no slot (slot_mapping < 0)")
+    kc.index_copy_(0, slots, k[:num_real].to(kc.dtype))
+    vc.index_copy_(0, slots, v[:num_real].to(vc.dtype))
 
 
 #: most bytes of gathered K+V one batched-decode group may hold (requests are grouped to fit)
 DECODE_GATHER_BYTES = 256 << 20
+#: decode key spans are padded to a multiple of this, so kernels see few distinct shapes
+DECODE_KEY_ALIGN = 64
+# cuDNN's SDPA builds a graph per new shape (measured ~1.5 ms of CPU per call on H100 while key
+# lengths grow step by step); the memory-efficient kernel takes the mask without that cost.
+_BACKENDS = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
 
 
 def _attend(q: torch.Tensor, keys: torch.Tensor, vals: torch.Tensor, allowed: torch.Tensor, scale: float) -> torch.Tensor:
@@ -87,10 +96,11 @@ def _attend(q: torch.Tensor, keys: torch.Tensor, vals: torch.Tensor, allowed: to
     if group > 1:
         keys = keys.repeat_interleave(group, dim=2)
         vals = vals.repeat_interleave(group, dim=2)
-    out = F.scaled_dot_product_attention(
-        q.transpose(1, 2), keys.transpose(1, 2).to(q.dtype), vals.transpose(1, 2).to(q.dtype),
-        attn_mask=allowed[:, None], scale=scale,
-    )
+    with sdpa_kernel(_BACKENDS):
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), keys.transpose(1, 2).to(q.dtype), vals.transpose(1, 2).to(q.dtype),
+            attn_mask=allowed[:, None], scale=scale,
+        )
     return out.transpose(1, 2)
 
 
@@ -109,7 +119,8 @@ def _decode_batched(q, kc, vc, page_table, rows, lens, window, scale, out, page_
     dev = q.device
     lens_t = torch.tensor(lens, device=dev)
     lo = (lens_t - window).clamp(min=0) if window else torch.zeros_like(lens_t)
-    span = [l - (max(0, l - window) if window else 0) for l in lens]
+    visible = [min(l, window) if window else l for l in lens]  # keys each query sees
+    span = [-(-n // DECODE_KEY_ALIGN) * DECODE_KEY_ALIGN for n in visible]  # rounded up
     per_key = 2 * kc.shape[1] * kc.shape[2] * kc.element_size()
     start = 0
     while start < len(lens):
@@ -148,20 +159,21 @@ def paged_attention_reference(
     requests; batches with longer chunks run request by request."""
     if (k is None) != (v is None):
         raise ValueError("paged_attention: pass both k and v, or neither (KV-shared layer)")
+    starts = query_start_loc.tolist()
+    lens = seq_lens.tolist()
     if k is not None:
-        _write_new_kv(k, v, k_cache, v_cache, slot_mapping)
+        _write_new_kv(k, v, k_cache, v_cache, slot_mapping, starts[-1])
 
     num_tokens, num_heads, _ = q.shape
     page_size, kv_heads = k_cache.shape[1], k_cache.shape[2]
     kc = k_cache.view(-1, kv_heads, k_cache.shape[-1])
     vc = v_cache.view(-1, kv_heads, v_cache.shape[-1])
     out = q.new_zeros(num_tokens, num_heads, v_cache.shape[-1])
-    starts = query_start_loc.tolist()
-    lens = seq_lens.tolist()
     live = [r for r in range(len(lens)) if starts[r + 1] > starts[r]]  # requests with queries
     if live and all(starts[r + 1] - starts[r] == 1 for r in live):
         rows = torch.tensor([starts[r] for r in live], device=q.device)
-        _decode_batched(q, kc, vc, page_table[live], rows, [lens[r] for r in live],
+        table = page_table if len(live) == len(lens) else page_table[torch.tensor(live, device=page_table.device)]
+        _decode_batched(q, kc, vc, table, rows, [lens[r] for r in live],
                         sliding_window, scale, out, page_size)
         return out
     for r in live:

@@ -158,6 +158,9 @@ def test_op_padding_tokens_write_nothing_and_return_zero():
         torch.tensor([0, 1, 1], dtype=torch.int32), torch.tensor([2, 0], dtype=torch.int32), 0, 1.0,
     )
     assert not torch.isnan(out[0]).any() and torch.equal(out[1], torch.zeros(2, 8))
+    with pytest.raises(ValueError, match="a real token has no slot"):
+        paged_attention(q, k, v, k_cache, v_cache, torch.tensor([4, -1, -1]), torch.tensor([[1]], dtype=torch.int32),
+                        torch.tensor([0, 2], dtype=torch.int32), torch.tensor([2], dtype=torch.int32), 0, 1.0)
     with pytest.raises(ValueError, match="both k and v"):
         paged_attention(q, k, None, k_cache, v_cache, torch.tensor([4, 5, -1]), torch.tensor([[1]], dtype=torch.int32),
                         torch.tensor([0, 2], dtype=torch.int32), torch.tensor([2], dtype=torch.int32), 0, 1.0)
