@@ -60,6 +60,7 @@ class BenchConfig:
     fusions: Sequence[str] | None = None  # passes for passes_piecewise (None: the defaults)
     count_kernels: bool = True
     disable_caches: bool = False  # True: exact match counts, slower compiles
+    emulate_capture: bool = False  # CPU: run the capture/replay/guard path with EmulatedCapture
 
 
 @dataclass
@@ -99,7 +100,7 @@ def build_bench_model(cfg: BenchConfig):
 
 def make_forward(model, mode: str, cfg: BenchConfig):
     """(forward callable, piecewise backend or None) for one mode."""
-    from .runtime import piecewise_backend
+    from .runtime import EmulatedCapture, piecewise_backend
 
     if mode == "eager":
         return model, None
@@ -107,7 +108,8 @@ def make_forward(model, mode: str, cfg: BenchConfig):
         return _token_dynamic(torch.compile(model)), None
     if mode in ("piecewise", "passes_piecewise"):
         fusions = [] if mode == "piecewise" else cfg.fusions
-        backend = piecewise_backend(fusions)
+        backend = (piecewise_backend(fusions, cudagraphs=True, capturer=EmulatedCapture())
+                   if cfg.emulate_capture else piecewise_backend(fusions))
         return _token_dynamic(torch.compile(model, backend=backend)), backend
     raise ValueError(f"unknown mode {mode!r}; choose from {MODES}")
 
