@@ -115,15 +115,18 @@ def make_forward(model, mode: str, cfg: BenchConfig):
 
 
 def _token_dynamic(compiled):
-    """Mark the token count dynamic up front (one graph for every batch; the metadata's request
-    count goes dynamic on its own at the first change).  Not ``dynamic=True``: that would also lift
+    """Mark the token and request counts dynamic up front (one graph for every batch).  Not ``dynamic=True``: that would also lift
     the modules' float attributes (eps) into symbolic graph inputs."""
 
     def forward(**kw):
         torch._dynamo.maybe_mark_dynamic(kw["input_ids"], 1)
         torch._dynamo.maybe_mark_dynamic(kw["position_ids"], 1)
-        for slots in kw["paged_batch"].slot_mapping.values():
+        meta = kw["paged_batch"]
+        for slots in meta.slot_mapping.values():
             torch._dynamo.maybe_mark_dynamic(slots, 0)
+        # the request count too, so decode batches share one graph (B=1 still specializes)
+        for t in (kw["logits_to_keep"], meta.query_start_loc, meta.seq_lens, *meta.page_table.values()):
+            torch._dynamo.maybe_mark_dynamic(t, 0)
         return compiled(**kw)
 
     return forward
