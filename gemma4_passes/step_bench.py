@@ -75,6 +75,7 @@ class ModeResult:
     captures: int = 0
     guard_rejections: list = field(default_factory=list)
     compile_s: float = 0.0
+    graphs: int = 0  # Dynamo graphs compiled for this mode (recompiles included)
 
 
 def _sync(device: str) -> None:
@@ -154,10 +155,27 @@ def _prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
     return torch.randint(0, vocab, (n, length), generator=g).tolist()
 
 
-def _cache_for(model, max_requests: int, max_seq_len: int):
+def _shared_cache(model, cfg: BenchConfig):
+    """One cache for every scenario of a mode (they run one after the other and release their
+    requests), so the pools keep their shapes and the compiled graphs are reused, not recompiled.
+    Page tables are built at a fixed width for the same reason."""
     from .runtime.paged_cache import PagedKVCache
 
-    return PagedKVCache.for_model(model, max_requests=max_requests, max_seq_len=max_seq_len)
+    page = 16
+    decode_len = cfg.prompt_len + max(cfg.parity_steps, cfg.warmup_steps + cfg.decode_steps + 1) + 2
+    batches = [cfg.parity_batch, *cfg.decode_batches]
+    longest = max([decode_len, *cfg.prefill_tokens])
+    pages_per_request = -(-longest // page) + 1
+    tokens = max([b * decode_len for b in batches] + [n + 1 for n in cfg.prefill_tokens])
+    pages = -(-tokens // page) + 2 * max(batches)  # + page rounding per request
+    return PagedKVCache(model, num_full_pages=pages, num_sliding_pages=pages, page_size=page,
+                        max_pages_per_request=pages_per_request)
+
+
+def _graphs_compiled() -> int:
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
 
 
 def _count_kernels(fn: Callable[[], None]) -> int:
@@ -176,12 +194,14 @@ def run_mode(model, mode: str, cfg: BenchConfig, vocab: int) -> ModeResult:
 
     res = ModeResult(mode)
     torch._dynamo.reset()
+    # every graph compiled for this mode is counted (a recompile per shape shows up here, not as
+    # a silent fall back to eager at Dynamo's recompile limit)
+    torch._dynamo.config.recompile_limit = max(getattr(torch._dynamo.config, "recompile_limit", 8), 64)
+    graphs_before = _graphs_compiled()
     report.reset_match_report()
     forward, backend = make_forward(model, mode, cfg)
     # parity run first: it also compiles (prefill graph, then the decode graph)
-    max_len = cfg.prompt_len + max(cfg.parity_steps, cfg.warmup_steps + cfg.decode_steps) + 2
-    cache = _cache_for(model, max(cfg.parity_batch, max(cfg.decode_batches, default=1)), max_len)
-    runner = PagedGemma4Runner(model, cache, forward=forward)
+    runner = PagedGemma4Runner(model, _shared_cache(model, cfg), forward=forward)
     t0 = time.perf_counter()
     logits = runner.prefill(_prompts(cfg.parity_batch, cfg.prompt_len, vocab, cfg.seed))
     _sync(cfg.device)
@@ -213,9 +233,8 @@ def run_mode(model, mode: str, cfg: BenchConfig, vocab: int) -> ModeResult:
         for rid in list(runner.request_ids):
             runner.release(rid)
 
+    prunner = runner
     for n in cfg.prefill_tokens:
-        pcache = _cache_for(model, 1, n + 1)
-        prunner = PagedGemma4Runner(model, pcache, forward=forward)
         times = []
         for rep in range(cfg.prefill_repeats + 1):
             prompt = _prompts(1, n, vocab, cfg.seed + n + rep)
@@ -227,9 +246,9 @@ def run_mode(model, mode: str, cfg: BenchConfig, vocab: int) -> ModeResult:
                 times.append((time.perf_counter() - t) * 1e3)
             prunner.release(prunner.request_ids[0])
         res.prefill_ms[n] = statistics.median(times)
-        del prunner, pcache
 
     res.matches = dict(report.match_report())
+    res.graphs = _graphs_compiled() - graphs_before
     if backend is not None and backend.capture is not None:
         res.captures = backend.capture.captures
         res.guard_rejections = list(backend.capture.rejected)
@@ -326,6 +345,7 @@ def format_table(out: dict) -> str:
         row(f"decode B={b}", "decode_ms", b)
     for n in out["config"]["prefill_tokens"]:
         row(f"prefill {n}", "prefill_ms", n)
+    lines.append("| graphs compiled | " + " | ".join(str(out["modes"][m]["graphs"]) for m in modes) + " | |")
     for b in out["config"]["decode_batches"]:
         if any(b in out["modes"][m]["kernels_per_decode_step"] for m in modes):
             vals = [out["modes"][m]["kernels_per_decode_step"].get(b, "") for m in modes]
