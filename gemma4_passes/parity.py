@@ -47,13 +47,15 @@ class Comparison:
 
 
 @contextlib.contextmanager
-def _inductor_slot(pass_):
-    """Put exactly ``pass_`` (or nothing) in the pre slot for the block; caches off so passes run."""
+def inductor_slot(pass_, disable_caches: bool = True):
+    """Put exactly ``pass_`` (or nothing) in the pre slot for the block.  Caches are off by default
+    so every pass runs (and counts its matches); Inductor's caches key on the pass's uuid, so
+    leaving them on is safe, only the counts then miss cache hits."""
     import torch._inductor.config as cfg
 
     prev_pass, prev_cache = cfg.post_grad_custom_pre_pass, cfg.force_disable_caches
     cfg.post_grad_custom_pre_pass = pass_
-    cfg.force_disable_caches = True
+    cfg.force_disable_caches = disable_caches
     try:
         yield
     finally:
@@ -61,7 +63,7 @@ def _inductor_slot(pass_):
         cfg.force_disable_caches = prev_cache
 
 
-def _sync(device) -> None:
+def sync_device(device) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
 
@@ -71,10 +73,10 @@ def greedy(fn: Callable, input_ids: torch.Tensor, steps: int) -> tuple[torch.Ten
     window = input_ids.shape[1]
     first_logits, times, first_call = None, [], 0.0
     for step in range(steps):
-        _sync(ids.device)
+        sync_device(ids.device)
         t0 = time.perf_counter()
         logits = fn(ids[:, -window:].contiguous())
-        _sync(ids.device)
+        sync_device(ids.device)
         dt = time.perf_counter() - t0
         if step == 0:
             first_logits, first_call = logits.float().cpu(), dt
@@ -96,7 +98,7 @@ def run_mode(model, mode: str, input_ids: torch.Tensor, steps: int, fusions: Ite
         torch._dynamo.reset()
         pass_ = manager.build_pass(fusions) if mode == "passes" else None
         report.reset_match_report()
-        with _inductor_slot(pass_):
+        with inductor_slot(pass_):
             compiled = torch.compile(forward)
             logits, tokens, times, first = greedy(compiled, input_ids, steps)
         matches = report.match_report() if mode == "passes" else {}

@@ -20,7 +20,6 @@ token agreement with eager no lower).  Random-weight models are flat, so the LM 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import statistics
@@ -29,6 +28,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable, Sequence
 
 import torch
+
+from .parity import inductor_slot, sync_device
 
 log = logging.getLogger("gemma4_passes")
 
@@ -76,11 +77,6 @@ class ModeResult:
     guard_rejections: list = field(default_factory=list)
     compile_s: float = 0.0
     graphs: int = 0  # Dynamo graphs compiled for this mode (recompiles included)
-
-
-def _sync(device: str) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
 
 
 def build_bench_model(cfg: BenchConfig):
@@ -131,23 +127,6 @@ def _token_dynamic(compiled):
         return compiled(**kw)
 
     return forward
-
-
-@contextlib.contextmanager
-def _clean_inductor(disable_caches: bool):
-    """No globally installed pass (the inductor mode is Inductor alone).  Inductor's caches key on
-    the pass's uuid, so they are safe across modes; with them off every piece compiles (slower)
-    and the match counts cover every piece, not only the ones compiled in this process."""
-    import torch._inductor.config as icfg
-
-    prev_pass, prev_cache = icfg.post_grad_custom_pre_pass, icfg.force_disable_caches
-    icfg.post_grad_custom_pre_pass = None
-    icfg.force_disable_caches = disable_caches
-    try:
-        yield
-    finally:
-        icfg.post_grad_custom_pre_pass = prev_pass
-        icfg.force_disable_caches = prev_cache
 
 
 def _prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
@@ -204,7 +183,7 @@ def run_mode(model, mode: str, cfg: BenchConfig, vocab: int) -> ModeResult:
     runner = PagedGemma4Runner(model, _shared_cache(model, cfg), forward=forward)
     t0 = time.perf_counter()
     logits = runner.prefill(_prompts(cfg.parity_batch, cfg.prompt_len, vocab, cfg.seed))
-    _sync(cfg.device)
+    sync_device(cfg.device)
     res.compile_s = time.perf_counter() - t0
     for step in range(cfg.parity_steps):
         tok = logits.argmax(-1)
@@ -220,10 +199,10 @@ def run_mode(model, mode: str, cfg: BenchConfig, vocab: int) -> ModeResult:
         times = []
         for step in range(cfg.warmup_steps + cfg.decode_steps):
             toks = logits.argmax(-1).tolist()
-            _sync(cfg.device)
+            sync_device(cfg.device)
             t = time.perf_counter()
             logits = runner.decode(toks)
-            _sync(cfg.device)
+            sync_device(cfg.device)
             if step >= cfg.warmup_steps:
                 times.append((time.perf_counter() - t) * 1e3)
         res.decode_ms[b] = statistics.median(times)
@@ -233,18 +212,17 @@ def run_mode(model, mode: str, cfg: BenchConfig, vocab: int) -> ModeResult:
         for rid in list(runner.request_ids):
             runner.release(rid)
 
-    prunner = runner
     for n in cfg.prefill_tokens:
         times = []
         for rep in range(cfg.prefill_repeats + 1):
             prompt = _prompts(1, n, vocab, cfg.seed + n + rep)
-            _sync(cfg.device)
+            sync_device(cfg.device)
             t = time.perf_counter()
-            prunner.prefill(prompt)
-            _sync(cfg.device)
+            runner.prefill(prompt)
+            sync_device(cfg.device)
             if rep:  # the first one compiles/warms up
                 times.append((time.perf_counter() - t) * 1e3)
-            prunner.release(prunner.request_ids[0])
+            runner.release(runner.request_ids[0])
         res.prefill_ms[n] = statistics.median(times)
 
     res.matches = dict(report.match_report())
@@ -300,7 +278,9 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -
     model, preset = build_bench_model(cfg)
     vocab = preset.vocab_size
     results = {}
-    with _clean_inductor(cfg.disable_caches):
+    # no globally installed pass: the inductor mode is Inductor alone; each piecewise backend
+    # brings its own passes
+    with inductor_slot(None, disable_caches=cfg.disable_caches):
         for mode in cfg.modes:
             if progress:
                 progress(mode)

@@ -48,6 +48,8 @@ import os
 import threading
 from typing import Any, Callable
 
+from gemma4_passes.envflags import switched_off
+
 log = logging.getLogger("gemma4_passes.sglang")
 
 ENV_SWITCH = "GEMMA4_PASSES"
@@ -59,7 +61,6 @@ CONFIG_STEP_TARGET = "sglang.srt.compilation.torch_compile_decoration.set_torch_
 #: The last call inside every ``set_torch_compile_config`` (GPU and CPU runners).
 CONFIG_TAIL_TARGET = "sglang.srt.utils.patch_torch.monkey_patch_torch_compile"
 
-_OFF_VALUES = ("0", "false", "off", "no")
 
 _lock = threading.Lock()
 _announced = False
@@ -67,7 +68,7 @@ _warned = False
 
 
 def _switched_off() -> bool:
-    return os.environ.get(ENV_SWITCH, "1").strip().lower() in _OFF_VALUES
+    return switched_off(ENV_SWITCH)
 
 
 def _strict() -> bool:

@@ -50,8 +50,9 @@ import threading
 from contextlib import contextmanager
 from typing import Any, Iterator
 
+from gemma4_passes.envflags import switched_off
 from gemma4_passes.runtime.state_swap import swa_backend_view
-from gemma4_passes.runtime.swa import SGLANG_DEFAULT_RATIO, SglangSchedule, plan_pools, sglang_pool_sizes
+from gemma4_passes.runtime.swa import SglangSchedule, plan_pools, sglang_pool_sizes
 
 log = logging.getLogger("gemma4_passes.sglang")
 
@@ -73,13 +74,12 @@ GEMMA4_ARCHITECTURES = frozenset(
 DEFAULT_TOKENS_PER_REQUEST = 8192
 AS_MANY_AS_FIT = 1 << 40
 
-_OFF_VALUES = ("0", "false", "off", "no")
 _lock = threading.Lock()
 _planned_ratio: float | None = None  # the first ratio planned in this process
 
 
 def _enabled(env: str) -> bool:
-    return os.environ.get(env, "1").strip().lower() not in _OFF_VALUES
+    return not switched_off(env)
 
 
 def _strict() -> bool:

@@ -74,6 +74,8 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from gemma4_passes.envflags import switched_off, switched_on
+
 log = logging.getLogger("gemma4_passes.sglang.yoco")
 
 ENV_SWITCH = "GEMMA4_PASSES_YOCO"
@@ -115,8 +117,6 @@ _GRAPH_SCOPE_CHECKS = (
 )
 _LAYERNORM_SP = ("sglang.srt.layers.layernorm_sp", "layernorm_sp_enabled")
 
-_OFF_VALUES = ("0", "false", "off", "no")
-_ON_VALUES = ("1", "true", "on", "yes")
 _SILENT = ("decode", "nothing_to_prune")
 
 _logged: set[str] = set()
@@ -124,15 +124,14 @@ _log_lock = threading.Lock()
 
 
 def is_switched_off() -> bool:
-    return os.environ.get(ENV_SWITCH, "").strip().lower() in _OFF_VALUES
+    return switched_off(ENV_SWITCH)
 
 
 def should_register() -> bool:
     """Register the hook: forced by ``GEMMA4_PASSES_YOCO=1``, never with ``=0``, else where CUDA is."""
-    value = os.environ.get(ENV_SWITCH, "").strip().lower()
-    if value in _OFF_VALUES:
+    if switched_off(ENV_SWITCH):
         return False
-    if value in _ON_VALUES:
+    if switched_on(ENV_SWITCH):
         return True
     return torch.cuda.is_available()
 

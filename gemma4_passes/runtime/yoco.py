@@ -42,6 +42,7 @@ from typing import Any
 
 import torch
 
+from ..envflags import switched_off
 from . import yoco_hf
 from .yoco_rows import LAST, RowRequest, RowSelectionError, gather_rows, needed_rows
 
@@ -59,7 +60,6 @@ __all__ = [
 log = logging.getLogger("gemma4_passes.yoco")
 
 ENV_SWITCH = "GEMMA4_PASSES_YOCO"
-_OFF_VALUES = ("0", "false", "off", "no")
 
 # Arguments of Gemma4ForCausalLM.forward YOCO handles itself, besides the explicit ones.
 _KNOWN_KWARGS = ("shared_kv_states", "return_shared_kv_states", "return_dict")
@@ -75,7 +75,7 @@ class UnsupportedModelError(TypeError):
 
 def is_switched_off() -> bool:
     """``GEMMA4_PASSES_YOCO=0`` (read on every call, so it can be flipped at run time)."""
-    return os.environ.get(ENV_SWITCH, "1").strip().lower() in _OFF_VALUES
+    return switched_off(ENV_SWITCH)
 
 
 def _note_fallback(reason: str) -> None:
