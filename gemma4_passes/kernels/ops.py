@@ -44,7 +44,7 @@ from . import reference as _ref
 NAMESPACE = "gemma4_passes"
 OP_NAMES = ("rmsnorm_add", "rmsnorm_add_rmsnorm", "gelu_tanh_mul", "q_norm_rope", "qkv_norm_rope",
             "moe_input_norms", "moe_branch_combine", "moe_router", "allreduce_rmsnorm_add",
-            "allreduce_rmsnorm_add_rmsnorm")
+            "allreduce_rmsnorm_add_rmsnorm", "allreduce_moe_branch_combine")
 
 try:  # the CUDA implementations need Triton; without it the reference serves every device
     from .gelu_mul import gelu_tanh_mul_triton
@@ -280,6 +280,26 @@ def _allreduce_rmsnorm_add_rmsnorm_fake(x, residual, weight, scalar, next_weight
     return _rmsnorm_add_rmsnorm_fake(x, residual, weight, scalar, next_weight, eps, next_eps, unrounded_sum)
 
 
+# ---- allreduce_moe_branch_combine ---------------------------------------------------------------
+# An MoE layer under TP: the dense-MLP (h1) and MoE (h2) partial sums summed over the c10d group
+# ``group_name`` in ONE all-reduce (one collective's latency instead of two, on any backend), then
+# the branch combine on the two halves.
+
+
+def _allreduce_moe_branch_combine(h1, h2, residual, w1, w2, w3, scalar, next_weight, eps1, eps2, eps3, next_eps,
+                                  group_name):
+    c10d = torch.ops._c10d_functional
+    n = h1.shape[-1]
+    both = c10d.wait_tensor(c10d.all_reduce(torch.cat([h1, h2], dim=-1), "sum", group_name))
+    return tuple(moe_branch_combine(both[..., :n], both[..., n:], residual, w1, w2, w3, scalar, next_weight, eps1,
+                                    eps2, eps3, next_eps))
+
+
+def _allreduce_moe_branch_combine_fake(h1, h2, residual, w1, w2, w3, scalar, next_weight, eps1, eps2, eps3,
+                                       next_eps, group_name):
+    return _moe_branch_combine_fake(h1, h2, residual, w1, w2, w3, scalar, next_weight, eps1, eps2, eps3, next_eps)
+
+
 _SCHEMAS = {
     "rmsnorm_add": "(Tensor x, Tensor residual, Tensor weight, Tensor? scalar, float eps) -> Tensor",
     "rmsnorm_add_rmsnorm": (
@@ -312,6 +332,11 @@ _SCHEMAS = {
     "moe_router": (
         "(Tensor logits, Tensor per_expert_scale, int top_k, bool topk_first=False) -> (Tensor weights, Tensor ids)"
     ),
+    "allreduce_moe_branch_combine": (
+        "(Tensor h1, Tensor h2, Tensor residual, Tensor w1, Tensor w2, Tensor w3, Tensor? scalar, "
+        "Tensor? next_weight, float eps1, float eps2, float eps3, float? next_eps, str group_name) "
+        "-> (Tensor normed, Tensor residual_out)"
+    ),
 }
 
 _SPECS = {
@@ -323,6 +348,7 @@ _SPECS = {
     "moe_input_norms": (_moe_input_norms, _moe_input_norms_fake, "_moe_input_norms_cuda"),
     "moe_branch_combine": (_moe_branch_combine, _moe_branch_combine_fake, "_moe_branch_combine_cuda"),
     "moe_router": (_moe_router, _moe_router_fake, "_moe_router_cuda"),
+    "allreduce_moe_branch_combine": (_allreduce_moe_branch_combine, _allreduce_moe_branch_combine_fake, None),
     "allreduce_rmsnorm_add": (_allreduce_rmsnorm_add, _allreduce_rmsnorm_add_fake, None),
     "allreduce_rmsnorm_add_rmsnorm": (_allreduce_rmsnorm_add_rmsnorm, _allreduce_rmsnorm_add_rmsnorm_fake, None),
 }
@@ -355,5 +381,6 @@ qkv_norm_rope = torch.ops.gemma4_passes.qkv_norm_rope
 moe_input_norms = torch.ops.gemma4_passes.moe_input_norms
 moe_branch_combine = torch.ops.gemma4_passes.moe_branch_combine
 moe_router = torch.ops.gemma4_passes.moe_router
+allreduce_moe_branch_combine = torch.ops.gemma4_passes.allreduce_moe_branch_combine
 allreduce_rmsnorm_add = torch.ops.gemma4_passes.allreduce_rmsnorm_add
 allreduce_rmsnorm_add_rmsnorm = torch.ops.gemma4_passes.allreduce_rmsnorm_add_rmsnorm

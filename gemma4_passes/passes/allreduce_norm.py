@@ -2,79 +2,125 @@
 
 Under TP, ``o_proj`` / ``down_proj`` partial sums are all-reduced and then normed:
 ``AR(x) -> rms(., w) -> + residual [-> * layer_scalar] -> next norm``.  This pass runs after the
-spine's epilogue fusions and folds the all-reduce that feeds one of their ops into an
-``allreduce_*`` op over exactly the matched node's group:
+spine's epilogue fusions and folds the all-reduce feeding one of their ops into an ``allreduce_*``
+op over exactly the matched all-reduce's c10d group:
 
-    wait_tensor(_c10d_functional.all_reduce(x, "sum", group))  ->  rmsnorm_add[_rmsnorm](., ...)
+    AR(x) -> rmsnorm_add[_rmsnorm](., ...)          ->  allreduce_rmsnorm_add[_rmsnorm](x, ..., group)
+    AR(h1), AR(h2) -> moe_branch_combine(., ., ...)  ->  allreduce_moe_branch_combine(h1, h2, ..., group)
 
-The all-reduce result must have no other user.  Off by default: until the one-shot
-symmetric-memory kernel lands (issue 4), the fused op runs the same all-reduce followed by the
-same epilogue kernel, and hiding the collective in an opaque op only takes overlap away from
-Inductor.  The SGLang (``sglang.outplace_all_reduce``) and vLLM (``vllm.all_reduce``) forms name
-their own group registries and are not matched yet.
+``AR`` is any form :mod:`.allreduce_forms` knows (funcol / transformers, SGLang, vLLM), a sum whose
+result has no other user.  The norm sites fold only where the one-shot symmetric-memory kernel can
+serve the group (``kernels.allreduce_workspace.fusion_unavailable_reason``; otherwise the graph is
+left alone and the reason said once).  The MoE site is not gated: one all-reduce of ``[h1 | h2]``
+instead of two pays on any backend; both sums must run over the same group.
+
+Off by default: hiding the collective in an opaque op takes overlap away from Inductor.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch.fx import Graph, Node
 
+from ..kernels.allreduce_workspace import fusion_unavailable_reason
+from .allreduce_forms import Reduced, log_once, match_all_reduce
 from .base import FusionPass, GraphEditor, fused_op, log
-from .graph_match import is_op
-
-_c10d = torch.ops._c10d_functional
+from .graph_match import val
 
 
 @dataclass
-class AllReduceSite:
-    epilogue: Node  # the spine's fused op
-    wait: Node
-    all_reduce: Node
-    source: Node
-    group: str
+class NormSite:
+    epilogue: Node  # the spine's rmsnorm_add[_rmsnorm]
+    reduced: Reduced
 
 
-def match_all_reduce_input(epilogue: Node) -> AllReduceSite | None:
-    x = epilogue.args[0]
-    if not is_op(x, _c10d.wait_tensor.default) or len(x.users) != 1:
+@dataclass
+class MoeSite:
+    combine: Node  # the spine's moe_branch_combine
+    h1: Reduced
+    h2: Reduced
+
+
+def one_shot_available(r: Reduced) -> bool:
+    """The one-shot kernel can serve ``r``'s group on its device; otherwise say why, once."""
+    v = val(r.source)
+    if v is None:
+        return False
+    reason = fusion_unavailable_reason(r.group, v.device)
+    if reason is None:
+        return True
+    log_once(("gate", r.group, reason), "allreduce_norm: leaving the all-reduce over group %r unfused: %s",
+             r.group, reason)
+    return False
+
+
+def match_norm_site(epilogue: Node) -> NormSite | None:
+    r = match_all_reduce(epilogue.args[0])
+    if r is None or not one_shot_available(r):
         return None
-    ar = x.args[0]
-    if not is_op(ar, _c10d.all_reduce.default) or len(ar.users) != 1:
+    return NormSite(epilogue, r)
+
+
+def match_moe_site(combine: Node) -> MoeSite | None:
+    h1, h2 = combine.args[:2]
+    if h1 is h2:
         return None
-    src, op, group = ar.args[:3]
-    if op != "sum" or not isinstance(group, str) or not isinstance(src, Node):
+    r1, r2 = match_all_reduce(h1), match_all_reduce(h2)
+    if r1 is None or r2 is None:
         return None
-    return AllReduceSite(epilogue, x, ar, src, group)
+    if r1.group != r2.group:  # one all-reduce can only sum over one group
+        log.debug("allreduce_norm: %s sums h1 over %r and h2 over %r, left alone", combine, r1.group, r2.group)
+        return None
+    return MoeSite(combine, r1, r2)
 
 
 class AllReduceNorm(FusionPass):
     name = "allreduce_norm"
-    description = "all-reduce (sum) -> norm-before-residual epilogue: one op over the matched group"
-    default = False  # see the module docstring: no gain until the one-shot kernel exists
+    description = ("all-reduce (sum) -> norm-before-residual epilogue (or both MoE branch sums -> their combine): "
+                   "one op over the matched group")
+    default = False  # see the module docstring
 
     _TARGETS = {"rmsnorm_add": "allreduce_rmsnorm_add", "rmsnorm_add_rmsnorm": "allreduce_rmsnorm_add_rmsnorm"}
 
-    def find(self, graph: Graph) -> list[AllReduceSite]:
-        spine = {fused_op(name): name for name in self._TARGETS}
+    def find(self, graph: Graph) -> list[NormSite | MoeSite]:
+        norms = {fused_op(name) for name in self._TARGETS}
+        combine = fused_op("moe_branch_combine")
         found = []
         for node in graph.nodes:
-            if node.op == "call_function" and node.target in spine:
-                m = match_all_reduce_input(node)
-                if m is not None:
-                    found.append(m)
+            if node.op != "call_function":
+                continue
+            m = None
+            if node.target in norms:
+                m = match_norm_site(node)
+            elif node.target is combine:
+                m = match_moe_site(node)
+            if m is not None:
+                found.append(m)
         return found
 
-    def rewrite(self, graph: Graph, m: AllReduceSite) -> None:
-        ed = GraphEditor(graph)
+    def rewrite(self, graph: Graph, m: NormSite | MoeSite) -> None:
+        if isinstance(m, MoeSite):
+            self._rewrite_moe(graph, m)
+        else:
+            self._rewrite_norm(graph, m)
+
+    def _rewrite_norm(self, graph: Graph, m: NormSite) -> None:
         name = self._TARGETS[m.epilogue.target._schema.name.split("::")[-1]]
         args = list(m.epilogue.args)
         if name == "allreduce_rmsnorm_add_rmsnorm" and len(args) == 7:
             args.append(False)  # unrounded_sum's default, explicit before group_name
-        new = ed.call(m.epilogue, fused_op(name), [m.source, *args[1:], m.group])[0]
-        new.meta["val"] = m.epilogue.meta["val"]
-        m.epilogue.replace_all_uses_with(new)
-        graph.erase_node(m.epilogue)
-        ed.erase_dead([m.wait, m.all_reduce])
-        log.debug("%s: folded all-reduce over group %r into %s", self.name, m.group, name)
+        self._replace(graph, m.epilogue, name, [m.reduced.source, *args[1:], m.reduced.group], m.reduced.erase)
+
+    def _rewrite_moe(self, graph: Graph, m: MoeSite) -> None:
+        args = [m.h1.source, m.h2.source, *m.combine.args[2:], m.h1.group]
+        self._replace(graph, m.combine, "allreduce_moe_branch_combine", args, m.h1.erase + m.h2.erase)
+
+    def _replace(self, graph: Graph, old: Node, name: str, args: list, erase) -> None:
+        ed = GraphEditor(graph)
+        new = ed.call(old, fused_op(name), args)[0]
+        new.meta["val"] = old.meta["val"]  # same outputs: keep the values later nodes were traced with
+        old.replace_all_uses_with(new)
+        graph.erase_node(old)
+        ed.erase_dead(erase)
+        log.debug("%s: folded the all-reduce over group %r into %s", self.name, args[-1], name)

@@ -37,6 +37,9 @@ SCHEMAS = {
     "allreduce_rmsnorm_add_rmsnorm": "gemma4_passes::allreduce_rmsnorm_add_rmsnorm(Tensor x, Tensor residual, "
     "Tensor weight, Tensor? scalar, Tensor? next_weight, float eps, float next_eps, bool unrounded_sum, "
     "str group_name) -> (Tensor normed, Tensor residual_out)",
+    "allreduce_moe_branch_combine": "gemma4_passes::allreduce_moe_branch_combine(Tensor h1, Tensor h2, "
+    "Tensor residual, Tensor w1, Tensor w2, Tensor w3, Tensor? scalar, Tensor? next_weight, float eps1, "
+    "float eps2, float eps3, float? next_eps, str group_name) -> (Tensor normed, Tensor residual_out)",
 }
 
 

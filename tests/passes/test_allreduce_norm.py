@@ -1,13 +1,20 @@
 """allreduce_norm: the all-reduce feeding a norm-before-residual epilogue, folded into one op.
 
 Traced in a real (gloo, world size 1) process group: the post-grad graph holds the same
-``_c10d_functional.all_reduce`` + ``wait_tensor`` nodes as under tensor parallelism.
+``_c10d_functional.all_reduce`` + ``wait_tensor`` nodes as under tensor parallelism.  The one-shot
+kernel cannot serve gloo/CPU, so the matching tests run with ``GEMMA4_PASSES_ONESHOT_AR=force``
+(the fixture below); the gating tests at the end run without it.
 """
+
+import logging
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
+
+from gemma4_passes.kernels.allreduce_workspace import ENV_SWITCH
+from gemma4_passes.passes import allreduce_forms
 
 from .conftest import FP32_REL_TOL, act, compile_run, eager, g4, rms_hf, weight
 
@@ -25,6 +32,18 @@ def groups():
     yield dist.group.WORLD, other
     if created:
         dist.destroy_process_group()
+
+
+@pytest.fixture(autouse=True)
+def force_one_shot(monkeypatch):
+    """Fold where the one-shot kernel cannot run (gloo on CPU), and say each reason afresh."""
+    monkeypatch.setenv(ENV_SWITCH, "force")
+    monkeypatch.setattr(allreduce_forms, "_SAID", set())
+
+
+def said(caplog, text: str) -> int:
+    """How many gemma4_passes INFO records contain ``text``."""
+    return sum(text in r.getMessage() for r in caplog.records if r.name == "gemma4_passes" and r.levelno == logging.INFO)
 
 
 def _post_attn(group):
@@ -126,3 +145,21 @@ def test_op_reduces_then_runs_the_epilogue(groups):
         assert torch.equal(a, b)
     got1 = g4.allreduce_rmsnorm_add(x, r, w1, None, EPS, world.group_name)
     assert torch.equal(got1, g4.rmsnorm_add(x, r, w1, None, EPS))
+
+
+# ---- gating: where the one-shot kernel cannot serve the group, the graph stays unfused ---------
+
+
+@pytest.mark.parametrize("switch, reason", [(None, "the one-shot kernel needs CUDA"), ("0", f"{ENV_SWITCH}=0")],
+                         ids=["cpu", "switched_off"])
+def test_unavailable_one_shot_leaves_graph_unfused(groups, monkeypatch, caplog, switch, reason):
+    world, _ = groups
+    if switch is None:
+        monkeypatch.delenv(ENV_SWITCH)
+    else:
+        monkeypatch.setenv(ENV_SWITCH, switch)
+    caplog.set_level(logging.INFO, logger="gemma4_passes")
+    for _ in range(2):  # a second compile of the same site says nothing new
+        _check(_post_attn(world), _args(), 0, g4.allreduce_rmsnorm_add_rmsnorm, world.group_name)
+    assert said(caplog, f"leaving the all-reduce over group {world.group_name!r} unfused: ") == 1
+    assert said(caplog, reason) == 1
