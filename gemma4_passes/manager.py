@@ -117,7 +117,12 @@ class Gemma4PostGradPass(custom_graph_pass_base()):
             triton_version = triton.__version__
         except ImportError:
             triton_version = "none"
-        key = "|".join([source_hash(), ",".join(self.fusions), torch.__version__, triton_version, chained])
+        # env switches that change what a pass emits must change the key too
+        from .kernels.allreduce_workspace import ENV_SWITCH
+        from .envflags import env_flag
+
+        key = "|".join([source_hash(), ",".join(self.fusions), torch.__version__, triton_version, chained,
+                        f"{ENV_SWITCH}={env_flag(ENV_SWITCH)}"])
         return hashlib.sha256(key.encode()).hexdigest()
 
     def __repr__(self) -> str:

@@ -217,18 +217,47 @@ def _rmsnorm_residual_kernel(
                 eviction_policy="evict_first").to(tl.float32)
     res = tl.load(r_ptr + r_off[:, None] + cols[None, :], mask=mask, other=0.0,
                   eviction_policy="evict_first").to(tl.float32)
-    w = tl.load(w_ptr + cols, mask=col_ok, other=0.0, eviction_policy="evict_last").to(tl.float32)
+    o_off = rows.to(tl.int64)[:, None] * N + cols[None, :]
+    w, sc, nw = _epilogue_params(w_ptr, scalar_ptr, nw_ptr, cols, col_ok, HAS_SCALAR, HAS_NEXT_W)
+    _norm_residual_tile(x, res, w, sc, nw, col_ok, mask, o_off, out_ptr, normed_ptr, N, eps, next_eps, IO,
+                        HAS_SCALAR, SECOND_NORM, HAS_NEXT_W, UNROUNDED_SUM)
 
+
+@triton.jit
+def _epilogue_params(w_ptr, scalar_ptr, nw_ptr, cols, col_ok, HAS_SCALAR: tl.constexpr, HAS_NEXT_W: tl.constexpr):
+    """(w, scalar, next_w) as fp32 (scalar 1.0 / next_w = w where absent: never read then)."""
+    w = tl.load(w_ptr + cols, mask=col_ok, other=0.0, eviction_policy="evict_last").to(tl.float32)
+    sc = 1.0
+    if HAS_SCALAR:
+        sc = tl.load(scalar_ptr).to(tl.float32)
+    nw = w
+    if HAS_NEXT_W:
+        nw = tl.load(nw_ptr + cols, mask=col_ok, other=0.0, eviction_policy="evict_last").to(tl.float32)
+    return w, sc, nw
+
+
+@triton.jit
+def _norm_residual_tile(
+    x, res, w, sc, nw, col_ok, mask, o_off,
+    out_ptr, normed_ptr,
+    N, eps, next_eps,
+    IO: tl.constexpr,
+    HAS_SCALAR: tl.constexpr,
+    SECOND_NORM: tl.constexpr,
+    HAS_NEXT_W: tl.constexpr,
+    UNROUNDED_SUM: tl.constexpr,
+):
+    """The epilogue on a ``[ROWS, BLOCK_N]`` fp32 tile of x and residual (masked lanes 0), with the
+    parameters from :func:`_epilogue_params`: stores s (and the second norm) at ``o_off``.  Shared
+    with the one-shot all-reduce kernel."""
     # rms(x, w): (x * (mean(x^2) + eps)^-0.5) * w, then one rounding
     inv = tl.math.rsqrt(tl.sum(x * x, axis=1) / N + eps)
     n = _round_io((x * inv[:, None]) * w[None, :], IO)
     s_f = res + n
     s = _round_io(s_f, IO)
     if HAS_SCALAR:
-        sc = tl.load(scalar_ptr).to(tl.float32)
         s = _round_io(s * sc, IO)
 
-    o_off = rows.to(tl.int64)[:, None] * N + cols[None, :]
     tl.store(out_ptr + o_off, s.to(out_ptr.dtype.element_ty), mask=mask)
 
     if SECOND_NORM:
@@ -238,7 +267,6 @@ def _rmsnorm_residual_kernel(
         inv2 = tl.math.rsqrt(tl.sum(s * s, axis=1) / N + next_eps)
         y = s * inv2[:, None]
         if HAS_NEXT_W:
-            nw = tl.load(nw_ptr + cols, mask=col_ok, other=0.0, eviction_policy="evict_last").to(tl.float32)
             y = y * nw[None, :]
         y = _round_io(y, IO)
         tl.store(normed_ptr + o_off, y.to(normed_ptr.dtype.element_ty), mask=mask)

@@ -52,6 +52,8 @@ try:  # the CUDA implementations need Triton; without it the reference serves ev
     from .moe_norms import moe_branch_combine_triton, moe_input_norms_triton
     from .moe_router import moe_router_triton
     from .qkv_norm_rope import q_norm_rope_triton, qkv_norm_rope_triton
+    from .allreduce_dispatch import oneshot_workspace
+    from .oneshot_allreduce import oneshot_allreduce_norm
 
     HAVE_TRITON = True
 except ImportError:  # pragma: no cover - triton is a hard dependency of the package
@@ -251,9 +253,9 @@ def _moe_router_cuda(logits, per_expert_scale, top_k, topk_first=False):
 # ---- allreduce_rmsnorm_add[_rmsnorm] ------------------------------------------------------------
 # The tensor-parallel epilogue: sum x over the process group ``group_name`` (a c10d group name, as
 # the graph's ``_c10d_functional.all_reduce`` names it), then the spine's norm/residual kernel.
-# This implementation is the graph's own all-reduce followed by the fused epilogue (correct on any
-# device and world size); the one-shot symmetric-memory kernel that does both in one launch is
-# issue 4's remaining work and will replace it on CUDA.
+# The default implementation is the graph's own all-reduce followed by the fused epilogue (correct
+# on any device and world size).  On CUDA, bf16/fp16 calls up to the measured token threshold run
+# the one-shot symmetric-memory kernel that does both in one launch (kernels/allreduce_dispatch.py).
 
 
 def _all_reduce_sum(x: torch.Tensor, group_name: str) -> torch.Tensor:
@@ -278,6 +280,25 @@ def _allreduce_rmsnorm_add_rmsnorm(x, residual, weight, scalar, next_weight, eps
 def _allreduce_rmsnorm_add_rmsnorm_fake(x, residual, weight, scalar, next_weight, eps, next_eps, unrounded_sum,
                                         group_name):
     return _rmsnorm_add_rmsnorm_fake(x, residual, weight, scalar, next_weight, eps, next_eps, unrounded_sum)
+
+
+def _allreduce_rmsnorm_add_cuda(x, residual, weight, scalar, eps, group_name):
+    ws = oneshot_workspace(x, group_name)
+    if ws is None:
+        return _allreduce_rmsnorm_add(x, residual, weight, scalar, eps, group_name)
+    with _device_of(x):
+        return oneshot_allreduce_norm(x, residual, weight, scalar, None, eps, eps, False, ws)[1]
+
+
+def _allreduce_rmsnorm_add_rmsnorm_cuda(x, residual, weight, scalar, next_weight, eps, next_eps, unrounded_sum,
+                                        group_name):
+    ws = oneshot_workspace(x, group_name)
+    if ws is None:
+        return _allreduce_rmsnorm_add_rmsnorm(x, residual, weight, scalar, next_weight, eps, next_eps,
+                                              unrounded_sum, group_name)
+    with _device_of(x):
+        return oneshot_allreduce_norm(x, residual, weight, scalar, next_weight, eps, next_eps, True, ws,
+                                      unrounded_sum=unrounded_sum)
 
 
 # ---- allreduce_moe_branch_combine ---------------------------------------------------------------
@@ -349,8 +370,10 @@ _SPECS = {
     "moe_branch_combine": (_moe_branch_combine, _moe_branch_combine_fake, "_moe_branch_combine_cuda"),
     "moe_router": (_moe_router, _moe_router_fake, "_moe_router_cuda"),
     "allreduce_moe_branch_combine": (_allreduce_moe_branch_combine, _allreduce_moe_branch_combine_fake, None),
-    "allreduce_rmsnorm_add": (_allreduce_rmsnorm_add, _allreduce_rmsnorm_add_fake, None),
-    "allreduce_rmsnorm_add_rmsnorm": (_allreduce_rmsnorm_add_rmsnorm, _allreduce_rmsnorm_add_rmsnorm_fake, None),
+    "allreduce_rmsnorm_add": (_allreduce_rmsnorm_add, _allreduce_rmsnorm_add_fake, "_allreduce_rmsnorm_add_cuda"),
+    "allreduce_rmsnorm_add_rmsnorm": (
+        _allreduce_rmsnorm_add_rmsnorm, _allreduce_rmsnorm_add_rmsnorm_fake, "_allreduce_rmsnorm_add_rmsnorm_cuda"
+    ),
 }
 
 #: the CustomOpDef objects created by THIS module instance (empty for ops registered earlier)

@@ -14,7 +14,9 @@ serve the group (``kernels.allreduce_workspace.fusion_unavailable_reason``; othe
 left alone and the reason said once).  The MoE site is not gated: one all-reduce of ``[h1 | h2]``
 instead of two pays on any backend; both sums must run over the same group.
 
-Off by default: hiding the collective in an opaque op takes overlap away from Inductor.
+On by default: on 2x H200 the one-shot kernel runs the post-FFN site in 5.5 us at 1 token and 9.6 us
+at 128 (NCCL + Inductor's epilogue: 15.8 / 25.2 us) and the 31B TP=2 layer 7-9% faster than
+Inductor alone (benchmarks/RESULTS.md).  Where the kernel cannot serve a group nothing changes.
 """
 
 from __future__ import annotations
@@ -79,7 +81,7 @@ class AllReduceNorm(FusionPass):
     name = "allreduce_norm"
     description = ("all-reduce (sum) -> norm-before-residual epilogue (or both MoE branch sums -> their combine): "
                    "one op over the matched group")
-    default = False  # see the module docstring
+    default = True  # gated per group: see the module docstring
 
     _TARGETS = {"rmsnorm_add": "allreduce_rmsnorm_add", "rmsnorm_add_rmsnorm": "allreduce_rmsnorm_add_rmsnorm"}
 
