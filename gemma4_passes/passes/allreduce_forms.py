@@ -18,6 +18,7 @@ injection point for other hosts and for tests.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from dataclasses import dataclass
 from typing import Callable, Hashable, Mapping, Optional
@@ -29,6 +30,10 @@ from .base import log
 from .graph_match import is_op
 
 _c10d = torch.ops._c10d_functional
+_aten = torch.ops.aten
+
+#: shape-only ops a reduced value may pass through on its way to a fused op (:func:`match_all_reduce_viewed`)
+VIEW_OPS = (_aten.reshape.default, _aten.view.default, _aten._unsafe_view.default)
 
 #: form -> the op (default overload) it calls with a framework group name
 FRAMEWORK_OPS = {"sglang": "sglang::outplace_all_reduce", "vllm": "vllm::all_reduce"}
@@ -48,12 +53,18 @@ GROUP_REGISTRIES: dict[str, Callable[[], Optional[Mapping]]] = {
 
 @dataclass(frozen=True)
 class Reduced:
-    """A sum all-reduce: what it sums, the nodes a fold removes (users first), its c10d group."""
+    """A sum all-reduce: what it sums, the nodes a fold removes (users first), its c10d group.
+
+    ``views``: the sizes of the reshapes/views between the all-reduce and its reader, first applied
+    first; the fused op reads ``source`` through ``aten.reshape`` to each (a reshape never fails where
+    the view of the contiguous all-reduce result did not, and gives the same values).
+    """
 
     source: Node
     erase: tuple[Node, ...]
     group: str
     form: str
+    views: tuple = ()
 
 
 _SAID: set = set()
@@ -110,6 +121,26 @@ def match_all_reduce(value) -> Optional[Reduced]:
         if m is not None:
             return m
     return None
+
+
+def match_all_reduce_viewed(value) -> Optional[Reduced]:
+    """:func:`match_all_reduce`, also through a chain of reshapes/views each read once.
+
+    transformers' TP'd MoE experts all-reduce their ``[T, H]`` sum inside the experts module; the
+    decoder layer reshapes it to ``[B, S, H]`` after the ``wait_tensor``.  A sum all-reduce is
+    elementwise, so ``reshape(AR(x)) == AR(reshape(x))`` bit for bit: the fold applies the views to
+    ``x`` instead.  No other op is seen through (a cast is not neutral: it changes the dtype summed).
+    """
+    views = []
+    while (is_op(value, *VIEW_OPS) and len(value.users) == 1 and len(value.args) == 2 and not value.kwargs
+           and isinstance(value.args[0], Node)):
+        views.append(value)
+        value = value.args[0]
+    r = match_all_reduce(value)
+    if r is None or not views:
+        return r
+    return dataclasses.replace(r, erase=(*views, *r.erase),
+                               views=tuple(v.args[1] for v in reversed(views)))
 
 
 # ---- framework groups -> c10d groups ------------------------------------------------------------

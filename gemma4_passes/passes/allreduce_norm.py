@@ -9,9 +9,13 @@ op over exactly the matched all-reduce's c10d group:
     AR(h1), AR(h2) -> moe_branch_combine(., ., ...)  ->  allreduce_moe_branch_combine(h1, h2, ..., group)
 
 ``AR`` is any form :mod:`.allreduce_forms` knows (funcol / transformers, SGLang, vLLM), a sum whose
-result has no other user.  The norm sites fold only where the one-shot symmetric-memory kernel can
-serve the group (``kernels.allreduce_workspace.fusion_unavailable_reason``; otherwise the graph is
-left alone and the reason said once).  The MoE site is not gated: one all-reduce of ``[h1 | h2]``
+result has no other user.  At the MoE site a branch may reach the combine through reshapes
+(transformers all-reduces the experts' ``[T, H]`` sum and reshapes it to ``[B, S, H]`` after the
+wait); the fold reshapes the partial sum instead, which is exact (the sum is elementwise).
+
+The norm sites fold only where the one-shot symmetric-memory kernel can serve the group
+(``kernels.allreduce_workspace.fusion_unavailable_reason``; otherwise the graph is left alone and the
+reason said once).  The MoE site is not gated: one all-reduce of ``[h1 | h2]``
 instead of two pays on any backend; both sums must run over the same group.
 
 On by default: on 2x H200 the one-shot kernel runs the post-FFN site in 5.5 us at 1 token and 9.6 us
@@ -23,12 +27,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from torch.fx import Graph, Node
+import torch
+from torch._guards import detect_fake_mode
+from torch.fx import Graph, Node, map_arg
 
 from ..kernels.allreduce_workspace import fusion_unavailable_reason
-from .allreduce_forms import Reduced, log_once, match_all_reduce
+from .allreduce_forms import Reduced, log_once, match_all_reduce, match_all_reduce_viewed
 from .base import FusionPass, GraphEditor, fused_op, log
 from .graph_match import val
+
+aten = torch.ops.aten
 
 
 @dataclass
@@ -68,7 +76,7 @@ def match_moe_site(combine: Node) -> MoeSite | None:
     h1, h2 = combine.args[:2]
     if h1 is h2:
         return None
-    r1, r2 = match_all_reduce(h1), match_all_reduce(h2)
+    r1, r2 = match_all_reduce_viewed(h1), match_all_reduce_viewed(h2)
     if r1 is None or r2 is None:
         return None
     if r1.group != r2.group:  # one all-reduce can only sum over one group
@@ -115,11 +123,30 @@ class AllReduceNorm(FusionPass):
         self._replace(graph, m.epilogue, name, [m.reduced.source, *args[1:], m.reduced.group], m.reduced.erase)
 
     def _rewrite_moe(self, graph: Graph, m: MoeSite) -> None:
-        args = [m.h1.source, m.h2.source, *m.combine.args[2:], m.h1.group]
-        self._replace(graph, m.combine, "allreduce_moe_branch_combine", args, m.h1.erase + m.h2.erase)
-
-    def _replace(self, graph: Graph, old: Node, name: str, args: list, erase) -> None:
         ed = GraphEditor(graph)
+        h1, h2 = (self._viewed_source(ed, m.combine, r) for r in (m.h1, m.h2))
+        args = [h1, h2, *m.combine.args[2:], m.h1.group]
+        self._replace(graph, m.combine, "allreduce_moe_branch_combine", args, m.h1.erase + m.h2.erase, ed)
+
+    @staticmethod
+    def _viewed_source(ed: GraphEditor, anchor: Node, r: Reduced) -> Node:
+        """``r.source`` through ``r.views`` (reshaping the partial sum before the all-reduce = after it).
+
+        Not ``ed.call``: a size may hold symbolic dims (nodes inside the list), whose fake values are
+        mapped here; each is defined before the old view, hence before ``anchor``.
+        """
+        x = r.source
+        for size in r.views:
+            fake_x, fake_size = map_arg((x, size), lambda n: n.meta["val"])
+            with detect_fake_mode([fake_x]):
+                value = aten.reshape.default(fake_x, fake_size)
+            with ed.graph.inserting_before(anchor):
+                x = ed.graph.call_function(aten.reshape.default, (x, size))
+            x.meta["val"] = value
+        return x
+
+    def _replace(self, graph: Graph, old: Node, name: str, args: list, erase, ed: GraphEditor | None = None) -> None:
+        ed = ed or GraphEditor(graph)
         new = ed.call(old, fused_op(name), args)[0]
         new.meta["val"] = old.meta["val"]  # same outputs: keep the values later nodes were traced with
         old.replace_all_uses_with(new)

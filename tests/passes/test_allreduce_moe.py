@@ -114,3 +114,50 @@ def test_op_sums_both_then_combines(groups):
             assert torch.equal(a, b)
     torch.library.opcheck(g4.allreduce_moe_branch_combine.default,
                           (h1, h2, r, w1, w2, w3, sc, wn, EPS, EPS, EPS, EPS, world.group_name))
+
+
+def moe_combine_tp_flat_experts(group, view=torch.reshape, between=lambda s: s, extra=False):
+    """transformers' TP'd experts: the [T, H] expert sum is all-reduced inside the experts module and the
+    decoder layer reshapes it back to [B, S, H] after the wait (wait_tensor -> reshape -> combine)."""
+    def fn(h1, h2, residual, w1, w2, w3, scalar, w_next):
+        s2 = view(between(funcol.all_reduce(h2.reshape(-1, h2.shape[-1]), "sum", group)), h1.shape)
+        out = moe_combine_hf(funcol.all_reduce(h1, "sum", group), s2, residual, w1, w2, w3, scalar, w_next)
+        return (*out, s2 * 2) if extra else out
+    return fn
+
+
+@pytest.mark.parametrize("dynamic_seq", [False, True], ids=["static", "dynamic"])
+@pytest.mark.parametrize("view", [torch.reshape, torch.Tensor.view], ids=["reshape", "view"])
+def test_expert_sum_reshaped_after_all_reduce(groups, view, dynamic_seq):
+    """The reshape moves onto the partial sum (exact: the all-reduce is elementwise), symbolic sizes too."""
+    world, _ = groups
+    args = _combine_args(torch.float32)
+    if dynamic_seq:  # the reshape's size holds the sequence length as a node
+        for a in args[:3]:
+            torch._dynamo.mark_dynamic(a, 1)
+    run = check(moe_combine_tp_flat_experts(world, view), args, 1)
+    (node,) = [n for n in run.graph.nodes if n.target is g4.allreduce_moe_branch_combine.default]
+    h1, h2 = node.args[:2]
+    assert h1.op == "placeholder"
+    assert h2.target is torch.ops.aten.reshape.default and tuple(h2.meta["val"].shape) == tuple(h1.meta["val"].shape)
+
+
+def test_expert_sum_reshaped_with_other_users_not_folded(groups):
+    world, _ = groups
+    check(moe_combine_tp_flat_experts(world, extra=True), _combine_args(torch.float32), 0)
+
+
+def test_expert_sum_mul_after_all_reduce_not_folded(groups):
+    """Only shape-only ops are seen through."""
+    world, _ = groups
+    check(moe_combine_tp_flat_experts(world, between=lambda s: s * 2), _combine_args(torch.float32), 0)
+
+
+def test_expert_sum_cast_after_all_reduce_not_folded(groups):
+    """A cast is not seen through: summing in the other dtype would change the result.  (Parity not
+    checked: Inductor drops the bf16 round trip by itself, with or without the passes.)"""
+    world, _ = groups
+    fn = moe_combine_tp_flat_experts(world, between=lambda s: s.to(torch.bfloat16).to(torch.float32))
+    run = compile_run(fn, _combine_args(torch.float32), FUSIONS)
+    assert run.matches["moe_branch_combine"] == 1 and run.matches["allreduce_norm"] == 0
+    assert run.count(c10d.all_reduce.default) == 2 and run.count(g4.allreduce_moe_branch_combine.default) == 0
