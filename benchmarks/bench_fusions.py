@@ -3,6 +3,7 @@
     PYTHONPATH=. python benchmarks/bench_fusions.py                       # full sweep (CUDA)
     PYTHONPATH=. python benchmarks/bench_fusions.py --fusions qkv_norm --tokens 1,8192
     PYTHONPATH=. python benchmarks/bench_fusions.py --smoke --device cpu
+    PYTHONPATH=. python benchmarks/bench_fusions.py --fusions moe_dispatch     # T = 1, 8, 64, 512
 
 For every case (fusion x published shape x token count T), bf16, three variants of the same math
 run side by side in one process:
@@ -21,6 +22,12 @@ small cases do not just re-read L2. Kernel counts come from torch.profiler over 
 Bandwidth of (c): the bytes the ideal fused kernel must move (each input read once, each output
 written once) over its time, and as a share of the device-to-device copy bandwidth measured at the
 start of the run (``copy_`` of a 1 GiB buffer, bytes read + written).
+
+``moe_dispatch`` (26B-A4B: E = 128, k = 8, H = 2816) runs at its own token counts (1, 8, 64, 512
+unless ``--tokens`` is given): (a) is the index work of transformers 5.17's grouped_mm experts (the
+GPU image's; 5.2x without expert parallelism is the same minus the sentinel-row mask), the GEMMs
+left out.  Its outputs are compared in a tie-independent form (see ``dispatch_canon``): torch.sort
+may order equal ids otherwise than the fused op's stable sort.
 
 On CPU (``--smoke``) the same code runs with perf_counter timing, no graphs and no kernel counts.
 Prints a markdown table (ready for benchmarks/RESULTS.md) and writes ``$OUT/bench_fusions.json``.
@@ -48,7 +55,9 @@ DEFAULT_TOKENS = (1, 8, 32, 128, 512, 8192)
 #: cases run in this order of T, so a budget cut still leaves every fusion its extreme sizes
 T_PRIORITY = (1, 8192, 128, 8, 512, 32)
 FUSIONS = ("post_attn_norm", "ffn_tail", "ple_tail", "ple_gate", "qkv_norm", "moe_router", "moe_input_norms",
-           "moe_branch_combine")
+           "moe_branch_combine", "moe_dispatch")
+#: decode-sized token counts for the MoE dispatch (the issue's target: T <= 64), and one prefill size
+DISPATCH_TOKENS = (1, 8, 64, 512)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -150,6 +159,35 @@ def moe_combine_eager(h1, h2, residual, w1, w2, w3, layer_scalar, w_next):
     return hf_rms(x, w_next), x
 
 
+def dispatch_eager(hidden, top_k_index, top_k_weights, e: int):
+    """transformers 5.17 ``grouped_mm_experts_forward`` up to its first GEMM, plus the inverse
+    permutation it builds after the second: sort, gathers, histc (int ids on CUDA, float on CPU),
+    cumsum, the sentinel-row mask, ``inv_perm[perm] = arange(S)``."""
+    k = top_k_index.shape[-1]
+    ids_g, perm = torch.sort(top_k_index.reshape(-1))
+    rows = hidden[perm // k]
+    w_g = top_k_weights.reshape(-1)[perm]
+    counts = torch.histc(ids_g.float() if hidden.device.type in ("cpu", "mps") else ids_g.int(),
+                         bins=e, min=0, max=e - 1)
+    offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
+    rows = rows.masked_fill((ids_g >= e).unsqueeze(-1), 0.0)
+    inv = torch.empty_like(perm)
+    inv[perm] = torch.arange(perm.numel(), device=hidden.device)
+    return ids_g, perm, offsets, inv, rows, w_g
+
+
+def dispatch_fused(hidden, top_k_index, top_k_weights, e: int):
+    return tuple(_ops().moe_dispatch(top_k_index.reshape(-1), hidden, top_k_weights.reshape(-1), e,
+                                     top_k_index.shape[-1], True))
+
+
+def dispatch_canon(outs):
+    """What no consumer can tell apart: sorted ids, offsets, and the gathered rows / weights / perm
+    brought back to source order through inv_perm (``rows[inv][j] = hidden[j // k]``)."""
+    ids_g, perm, offsets, inv, rows, w_g = outs
+    return ids_g, offsets, rows[inv], w_g[inv], perm[inv]
+
+
 def make_qkv_fused(d: int, k_eq_v: bool, q_only: bool):
     ops = _ops()
 
@@ -188,6 +226,7 @@ class Case:
     eager: Callable
     fused: Callable
     ideal_bytes: int  # what the ideal fused kernel reads + writes
+    canon: Callable | None = None  # outputs -> the form compared with eager (default: as they are)
 
 
 def _rand(g, device, shape, scale=1.0, mean=0.0, dtype=DTYPE):
@@ -215,7 +254,8 @@ def _presets():
     return PRESETS
 
 
-def build_cases(tokens: list[int], fusions: list[str], smoke: bool, presets_filter: set | None) -> list[Case]:
+def build_cases(tokens: list[int], fusions: list[str], smoke: bool, presets_filter: set | None,
+                dispatch_tokens: list[int] | None = None) -> list[Case]:
     ops = _ops()
     B = 2  # bytes per bf16 element
     P = _presets()
@@ -329,6 +369,18 @@ def build_cases(tokens: list[int], fusions: list[str], smoke: bool, presets_filt
                     lambda h1, h2, r, w1, w2, w3, sc, wn: ops.moe_branch_combine(h1, h2, r, w1, w2, w3, sc, wn,
                                                                                  EPS, EPS, EPS, EPS),
                     5 * t * h * B + 4 * h * B))
+    if "moe_dispatch" in fusions and keep("26b-a4b"):
+        h = moe_h
+        for t in (tokens if dispatch_tokens is None else dispatch_tokens):
+            def make(g, dev, h=h, t=t):
+                ids = torch.rand((t, moe_e), generator=g, device=dev).argsort(dim=-1)[:, :moe_k]  # distinct per token
+                return (_rand(g, dev, (t, h)), ids.contiguous(),
+                        torch.rand((t, moe_k), generator=g, device=dev, dtype=torch.float32))
+            s = t * moe_k
+            cases.append(Case(
+                "moe_dispatch", "26b-a4b", f"E={moe_e} k={moe_k} H={h}", t, make,
+                lambda x, i, w: dispatch_eager(x, i, w, moe_e), lambda x, i, w: dispatch_fused(x, i, w, moe_e),
+                s * 8 + 2 * s * h * B + 2 * s * 4 + 3 * s * 8 + moe_e * 4, canon=dispatch_canon))
     return cases
 
 
@@ -397,6 +449,8 @@ def run_case(case: Case, idx: int, device, args, copy_bw: float | None, l2_bytes
         res.compile_s = time.perf_counter() - tc
         out_f = case.fused(*sets[0])
         common.sync(device)
+        if case.canon is not None:
+            ref, out_c, out_f = case.canon(ref), case.canon(out_c), case.canon(out_f)
         res.max_abs_vs_eager = {"inductor": _max_abs(out_c, ref), "fused": _max_abs(out_f, ref)}
         res.max_rel_vs_eager = {"inductor": _max_rel(out_c, ref), "fused": _max_rel(out_f, ref)}
         del ref, out_c, out_f
@@ -498,7 +552,8 @@ def main(argv=None) -> int:
         print(f"# device-to-device copy: {copy_bw / 1e12:.2f} TB/s (bytes read + written, 1 GiB buffer)", flush=True)
     l2 = int(info.get("l2_mib", 0) * 2**20) or (50 << 20)
 
-    cases = build_cases(tokens, fusions, args.smoke, presets_filter)
+    dispatch_tokens = tokens if args.tokens else ([1, 7] if args.smoke else list(DISPATCH_TOKENS))
+    cases = build_cases(tokens, fusions, args.smoke, presets_filter, dispatch_tokens)
     print(f"# {len(cases)} cases, bf16, CUDA-graph replay timing" if common.is_cuda(device)
           else f"# {len(cases)} cases, bf16, CPU perf_counter timing (no graphs, no kernel counts)", flush=True)
     out_json = common.json_path(args, "bench_fusions.json")

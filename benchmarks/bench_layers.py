@@ -239,7 +239,7 @@ def judge(shape: ShapeResult) -> None:
 def bench_preset(name: str, args, device, budget: common.Budget, share_s: float, first_cost_est: float,
                  on_progress=None) -> PresetResult:
     from gemma4_passes.expected import expected_matches
-    from gemma4_passes.models import build_model, describe
+    from gemma4_passes.models import build_model, describe, to_hf_config
     from gemma4_passes.presets import layer_slice, resolve, tiny
 
     t_preset = time.perf_counter()
@@ -251,8 +251,10 @@ def bench_preset(name: str, args, device, budget: common.Budget, share_s: float,
         preset=name, sliced=p.name, layers=n_layers, layer_types=list(p.layer_types),
         kv_shared=[layer["kv_shared"] for layer in facts["layers"]], moe=bool(p.enable_moe_block),
     )
+    # the config names the experts implementation: moe_dispatch matches only transformers' grouped_mm
+    counted = to_hf_config(p, experts_implementation=args.experts_impl) if p.enable_moe_block else p
     try:
-        pr.expected_matches = expected_matches(p)
+        pr.expected_matches = expected_matches(counted)
     except Exception as e:  # noqa: BLE001
         pr.expected_matches = {"error": str(e)[:200]}
     cuda = common.is_cuda(device)
@@ -280,7 +282,7 @@ def bench_preset(name: str, args, device, budget: common.Budget, share_s: float,
             t_shape = time.perf_counter()
             sr = ShapeResult(tokens=T)
             try:
-                sr.expected = expected_matches(p, rows=T)
+                sr.expected = expected_matches(counted, rows=T)
             except Exception:  # noqa: BLE001
                 sr.expected = None
             ids = torch.randint(0, vocab, (1, T), generator=gen).to(device)

@@ -26,6 +26,10 @@ A check FAILS when an output is not finite, has the wrong shape/dtype/layout, or
     missing rounding...) are orders of magnitude above it.
   * its relative L2 error against the float64 truth exceeds 1.5x the reference's own + 1e-6.
 
+``moe_dispatch`` (family ``moe``: index work of the MoE experts at 26B-A4B's E = 128, k = 8,
+H = 2816) has only exact outputs (ints, rows and weights copied): every output must EQUAL the
+reference's (``torch.sort(stable=True)`` etc. on the same device), int outputs are poisoned with -7.
+
 Prints one summary line per (op, variant, dtype, path), the failures in detail, and writes every
 check to ``$OUT/check_kernels.json``. Exit status 1 on any failure.
 """
@@ -179,6 +183,7 @@ class Check:
     truth: Callable[[dict], tuple]
     out_names: tuple[str, ...]
     tags: tuple[str, ...] = ()
+    exact: bool = False  # every output must equal the reference (integer / copied outputs)
 
 
 def _ops():
@@ -387,6 +392,45 @@ def qkv_checks(layouts: list[HeadLayout], tokens, dtypes, smoke: bool, fp32_t) -
     return checks
 
 
+def dispatch_checks(tokens, dtypes, smoke: bool) -> list[Check]:
+    """moe_dispatch at 26B-A4B's sizes: router-like ids (k distinct experts per token), ids
+    crowded on a few experts, and transformers' expert-parallel sentinels (ids == E, rows zeroed)."""
+    ops, R = _ops(), _ref()
+    launch_fn = _launcher("moe_dispatch", "moe_dispatch_triton", ("out",))
+    p = _presets()["26b-a4b"]
+    e, k, h = (8, 2, 64) if smoke else (p.num_experts, p.top_k_experts, p.hidden_size)
+    names = ("sorted_ids", "perm", "offsets", "inv_perm", "hidden_sorted", "weights_sorted")
+
+    def build(t, dt, variant):
+        def make(r: Rand):
+            ids = torch.rand((t, e), generator=r.g, device=r.device).argsort(dim=-1)[:, :k].contiguous()
+            if variant == "crowded":  # every id among 3 experts: long runs, empty experts
+                ids = ids % 3 + e // 2
+            elif variant == "sentinel":
+                ids[::3, -1] = e
+            return dict(ids=ids.reshape(-1), x=r.normal((t, h), dt),
+                        w=torch.rand((t * k,), generator=r.g, device=r.device))
+
+        zero = variant == "sentinel"
+
+        def args(i):
+            return (i["ids"], i["x"], i["w"], e, k, zero)
+
+        launch = None
+        if launch_fn is not None:
+            def launch(i, outs):
+                return tuple(launch_fn(*args(i), out=outs))
+
+        ref = lambda i: tuple(R.moe_dispatch_ref(*args(i)))  # noqa: E731
+        return Check("moe_dispatch", variant, dt, f"T={t} E={e} k={k} H={h}", make,
+                     lambda i: tuple(ops.moe_dispatch(*args(i))), launch, ref, ref, names, exact=True)
+
+    checks = [build(t, dt, "router") for dt in dtypes for t in tokens]
+    checks += [build(t, torch.bfloat16, v) for v in ("crowded", "sentinel") for t in tokens]
+    checks.append(build(tokens[min(1, len(tokens) - 1)], torch.float32, "router"))
+    return checks
+
+
 def _dt(dt: torch.dtype) -> str:
     return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dt]
 
@@ -468,11 +512,41 @@ def compare(outs, refs, truths, names, dtype, max_mismatch: float, res: Result) 
     res.ok = not res.problems
 
 
+def compare_exact(outs, refs, names, res: Result) -> None:
+    """Every output equal to the reference, element for element (shape, dtype, contiguity too)."""
+    if not isinstance(outs, (tuple, list)) or len(outs) != len(refs):
+        got = len(outs) if isinstance(outs, (tuple, list)) else "?"
+        res.problems.append(f"expected {len(refs)} outputs, got {got}")
+        return
+    for name, out, ref in zip(names, outs, refs):
+        if tuple(out.shape) != tuple(ref.shape) or out.dtype != ref.dtype:
+            res.problems.append(f"{name}: {out.dtype}{tuple(out.shape)} != reference {ref.dtype}{tuple(ref.shape)}")
+            continue
+        if not out.is_contiguous():
+            res.problems.append(f"{name}: output not contiguous (strides {out.stride()})")
+        bad = out != ref
+        if ref.is_floating_point():
+            bad &= ~(torch.isnan(out) & torch.isnan(ref))
+        n_bad = int(bad.sum())
+        res.numel += out.numel()
+        res.mismatch += n_bad
+        if n_bad:
+            first = int(bad.flatten().nonzero()[0]) if bad.dim() else 0
+            res.problems.append(f"{name}: {n_bad}/{out.numel()} elements differ (first at flat index {first}: "
+                                f"got {out.flatten()[first].item()} ref {ref.flatten()[first].item()})")
+    res.ok = not res.problems
+
+
+def poison(shape, dtype, device) -> torch.Tensor:
+    """NaN for float outputs, -7 (no valid id, position or count) for integer ones."""
+    return torch.full(shape, NAN if dtype.is_floating_point else -7, dtype=dtype, device=device)
+
+
 def poison_allocator(like: tuple, device) -> None:
-    """Fill cached-allocator blocks of the outputs' sizes with NaN, then free them."""
+    """Fill cached-allocator blocks of the outputs' sizes with NaN (ints: -7), then free them."""
     if not common.is_cuda(device):
         return
-    bufs = [torch.full(t.shape, NAN, dtype=t.dtype, device=device) for t in like]
+    bufs = [poison(t.shape, t.dtype, device) for t in like]
     del bufs
 
 
@@ -489,7 +563,7 @@ def run_check(chk: Check, seed: int, device, args) -> list[Result]:
     paths = [("op", lambda: chk.call_op(inputs))]
     if chk.call_launcher is not None and (common.is_cuda(device) or os.environ.get("TRITON_INTERPRET") == "1"):
         def via_launcher():
-            outs = tuple(torch.full(r.shape, NAN, dtype=r.dtype, device=device) for r in refs)
+            outs = tuple(poison(r.shape, r.dtype, device) for r in refs)
             got = chk.call_launcher(inputs, outs)
             for g, o in zip(got, outs):
                 if g.data_ptr() != o.data_ptr():
@@ -502,7 +576,10 @@ def run_check(chk: Check, seed: int, device, args) -> list[Result]:
             poison_allocator(refs, device)
             outs = fn()
             common.sync(device)
-            compare(tuple(outs), refs, truths, chk.out_names, chk.dtype, args.max_mismatch, r)
+            if chk.exact:
+                compare_exact(tuple(outs), refs, chk.out_names, r)
+            else:
+                compare(tuple(outs), refs, truths, chk.out_names, chk.dtype, args.max_mismatch, r)
         except Exception as e:  # noqa: BLE001
             r.problems.append(f"{type(e).__name__}: {str(e)[:300]}")
             if args.verbose:
@@ -525,11 +602,14 @@ def graph_replay_check(chk: Check, seed: int, device, args) -> Result:
                 if isinstance(v, torch.Tensor) and fresh[k] is not None:
                     v.copy_(fresh[k])  # k = v aliases copy twice: same values
         for o in outs:
-            o.fill_(NAN)
+            o.fill_(NAN if o.dtype.is_floating_point else -7)
         g.replay()
         torch.cuda.synchronize()
         refs, truths = tuple(chk.reference(static)), tuple(chk.truth(static))
-        compare(tuple(outs), refs, truths, chk.out_names, chk.dtype, args.max_mismatch, r)
+        if chk.exact:
+            compare_exact(tuple(outs), refs, chk.out_names, r)
+        else:
+            compare(tuple(outs), refs, truths, chk.out_names, chk.dtype, args.max_mismatch, r)
         del g
     except Exception as e:  # noqa: BLE001
         r.problems.append(f"{type(e).__name__}: {str(e)[:300]}")
@@ -557,13 +637,16 @@ def build_checks(args) -> list[Check]:
     fp32_t = 7 if smoke else 128
     fp32_h = hid[0] if smoke else 2560
     checks = []
-    families = set(args.ops.split(",")) if args.ops else {"norm", "gelu", "qkv"}
+    families = set(args.ops.split(",")) if args.ops else {"norm", "gelu", "qkv", "moe"}
     if "norm" in families:
         checks += norm_checks(hid, tokens, dtypes, smoke, (fp32_h, fp32_t))
     if "gelu" in families:
         checks += gelu_checks(gelu_widths(smoke), tokens, dtypes, smoke, fp32_t)
     if "qkv" in families:
         checks += qkv_checks(head_layouts(smoke), tokens, dtypes, smoke, fp32_t)
+    if "moe" in families:  # decode sizes (the fusion's target) and the sweep's
+        moe_t = tokens if smoke or args.tokens else sorted(set(tokens) | {8, 64, 512})
+        checks += dispatch_checks(moe_t, dtypes, smoke)
     return checks
 
 
@@ -593,7 +676,7 @@ def main(argv=None) -> int:
     common.add_common_args(ap)
     ap.add_argument("--quick", action="store_true", help="token counts 1, 7, 1000, 8192 only")
     ap.add_argument("--tokens", default=None, help="comma list of token counts (overrides the default sweep)")
-    ap.add_argument("--ops", default=None, help="comma list of op families: norm,gelu,qkv (default all)")
+    ap.add_argument("--ops", default=None, help="comma list of op families: norm,gelu,qkv,moe (default all)")
     ap.add_argument("--dtypes", default=None, help="comma list among bf16,fp16,fp32 (default all)")
     ap.add_argument("--max-mismatch", type=float, default=0.03,
                     help="largest share of elements allowed to differ from the reference (bf16/fp16)")

@@ -5,6 +5,9 @@ The rule per layer (one compiled graph holding every layer):
   moe_input_norms      every MoE layer (26B-A4B): its post-attention site
   moe_branch_combine   every MoE layer: its FFN tail
   moe_router           every MoE layer
+  moe_dispatch         every MoE layer whose experts run transformers' "grouped_mm" implementation
+                       (transformers' default where it can dispatch; a config that names another
+                       implementation, e.g. "eager" or "batched_mm", has no such dispatch: 0)
   post_attn_norm       every other layer (MoE layers too when moe_input_norms is not selected)
   ffn_tail             every other layer without PLE (its next norm is the next layer's input
                        norm, or the final norm after the last layer)
@@ -32,6 +35,7 @@ def expected_matches(preset_or_config: Any, fusions=None, rows: int | None = Non
     from .models import describe
 
     layers = describe(preset_or_config)["layers"]
+    grouped = _experts_implementation(preset_or_config) == "grouped_mm"
     selected = list(DEFAULT_FUSIONS) if fusions is None else list(fusions)
     names = selected
     moe_in = "moe_input_norms" in names
@@ -45,6 +49,7 @@ def expected_matches(preset_or_config: Any, fusions=None, rows: int | None = Non
         "ple_gate": sum(l["has_ple"] for l in layers),
         "qkv_norm": len(layers),
         "moe_router": sum(l["is_moe"] for l in layers),
+        "moe_dispatch": sum(l["is_moe"] for l in layers) if grouped else 0,
         "kv_shared_dead_kv": 0,
     }
     if rows is not None:
@@ -55,3 +60,12 @@ def expected_matches(preset_or_config: Any, fusions=None, rows: int | None = Non
                 per_fusion[name] = 0
     # every fusion is listed (the match report lists them all); the unselected ones expect 0
     return {name: per_fusion.get(name, 0) if name in selected else 0 for name in FUSIONS}
+
+
+def _experts_implementation(preset_or_config: Any) -> str:
+    """The experts implementation a model built from this runs: the config's, or transformers'
+    default ("grouped_mm") where none is named (presets, preset names, fresh configs)."""
+    from .models import _as_text_config
+
+    impl = getattr(_as_text_config(preset_or_config), "_experts_implementation", None)
+    return "grouped_mm" if impl is None else str(impl)

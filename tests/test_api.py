@@ -19,7 +19,7 @@ def clean_slot():
 def test_available_fusions_and_unknown_name():
     names = gemma4_passes.available_fusions()
     assert names == ["kv_shared_dead_kv", "moe_input_norms", "post_attn_norm", "moe_branch_combine", "ffn_tail",
-                     "ple_tail", "ple_gate", "qkv_norm", "moe_router", "allreduce_norm"]
+                     "ple_tail", "ple_gate", "qkv_norm", "moe_router", "moe_dispatch", "allreduce_norm"]
     with pytest.raises(ValueError) as e:
         gemma4_passes.enable(fusions=["post_attn_norm", "no_such_fusion"])
     assert "no_such_fusion" in str(e.value) and "qkv_norm" in str(e.value)

@@ -19,6 +19,9 @@ a sum over a c10d process group, ``..., str group_name``)::
         float? next_eps) -> (Tensor normed, Tensor residual_out)     (normed empty if no next_eps)
     gemma4_passes::moe_router(Tensor logits, Tensor per_expert_scale, int top_k, bool topk_first=False)
         -> (Tensor weights, Tensor ids)
+    gemma4_passes::moe_dispatch(Tensor expert_ids, Tensor hidden, Tensor weights, int num_experts, int top_k,
+        bool zero_sentinel_rows=False) -> (Tensor sorted_ids, Tensor perm, Tensor offsets, Tensor inv_perm,
+        Tensor hidden_sorted, Tensor weights_sorted)
 
 All are functional (no mutation, fresh outputs, never aliasing an input).  Every output is a
 contiguous tensor with the shape of the primary input (x / gate / q / k / v) and its dtype; the
@@ -26,7 +29,11 @@ fake (meta) implementations return exactly those shapes and strides.  Exception:
 (the MoE router after its projection, logits [T, E]) returns contiguous fp32 ``weights`` and int64
 ``ids``, both [T, top_k]; ``topk_first=False`` is transformers' order (softmax over E, top-k,
 renormalise), ``True`` SGLang's / vLLM's torch order (top-k of the logits, softmax over the k); its
-CUDA kernel takes E <= 512 and top_k <= 16 (ties: lowest index first).  The default
+CUDA kernel takes E <= 512 and top_k <= 16 (ties: lowest index first).  ``moe_dispatch`` (the
+index work of transformers' grouped_mm experts: flat ids [S], hidden [S / top_k, H], weights [S])
+returns the stable sort of the ids (their dtype) and its int64 permutation, int32 offsets [E]
+(``cumsum(histc(ids, E, 0, E - 1))``), the int64 inverse permutation, ``hidden[perm // top_k]``
+[S, H] and ``weights[perm]`` [S], all contiguous; one launch on CUDA.  The default
 implementation (CPU and any other device) is the plain-torch reference
 (:mod:`gemma4_passes.kernels.reference`); on CUDA the Triton launchers run.
 
@@ -43,7 +50,7 @@ from . import reference as _ref
 
 NAMESPACE = "gemma4_passes"
 OP_NAMES = ("rmsnorm_add", "rmsnorm_add_rmsnorm", "gelu_tanh_mul", "q_norm_rope", "qkv_norm_rope",
-            "moe_input_norms", "moe_branch_combine", "moe_router", "allreduce_rmsnorm_add",
+            "moe_input_norms", "moe_branch_combine", "moe_router", "moe_dispatch", "allreduce_rmsnorm_add",
             "allreduce_rmsnorm_add_rmsnorm", "allreduce_moe_branch_combine")
 
 try:  # the CUDA implementations need Triton; without it the reference serves every device
@@ -51,6 +58,7 @@ try:  # the CUDA implementations need Triton; without it the reference serves ev
     from .norm_residual import rmsnorm_add_rmsnorm_triton, rmsnorm_add_triton
     from .moe_norms import moe_branch_combine_triton, moe_input_norms_triton
     from .moe_router import moe_router_triton
+    from .moe_dispatch import moe_dispatch_triton
     from .qkv_norm_rope import q_norm_rope_triton, qkv_norm_rope_triton
     from .allreduce_dispatch import oneshot_workspace
     from .oneshot_allreduce import oneshot_allreduce_norm
@@ -250,6 +258,30 @@ def _moe_router_cuda(logits, per_expert_scale, top_k, topk_first=False):
         return moe_router_triton(logits, per_expert_scale, top_k, _router_form(topk_first))
 
 
+# ---- moe_dispatch -----------------------------------------------------------------------------
+
+
+def _moe_dispatch(expert_ids, hidden, weights, num_experts, top_k, zero_sentinel_rows=False):
+    return _ref.moe_dispatch_ref(expert_ids, hidden, weights, num_experts, top_k, zero_sentinel_rows)
+
+
+def _moe_dispatch_fake(expert_ids, hidden, weights, num_experts, top_k, zero_sentinel_rows=False):
+    s, dev = expert_ids.numel(), expert_ids.device
+    return (
+        torch.empty((s,), dtype=expert_ids.dtype, device=dev),
+        torch.empty((s,), dtype=torch.int64, device=dev),
+        torch.empty((num_experts,), dtype=torch.int32, device=dev),
+        torch.empty((s,), dtype=torch.int64, device=dev),
+        torch.empty((s, hidden.shape[-1]), dtype=hidden.dtype, device=dev),
+        torch.empty((s,), dtype=weights.dtype, device=dev),
+    )
+
+
+def _moe_dispatch_cuda(expert_ids, hidden, weights, num_experts, top_k, zero_sentinel_rows=False):
+    with _device_of(expert_ids):
+        return moe_dispatch_triton(expert_ids, hidden, weights, num_experts, top_k, zero_sentinel_rows)
+
+
 # ---- allreduce_rmsnorm_add[_rmsnorm] ------------------------------------------------------------
 # The tensor-parallel epilogue: sum x over the process group ``group_name`` (a c10d group name, as
 # the graph's ``_c10d_functional.all_reduce`` names it), then the spine's norm/residual kernel.
@@ -353,6 +385,11 @@ _SCHEMAS = {
     "moe_router": (
         "(Tensor logits, Tensor per_expert_scale, int top_k, bool topk_first=False) -> (Tensor weights, Tensor ids)"
     ),
+    "moe_dispatch": (
+        "(Tensor expert_ids, Tensor hidden, Tensor weights, int num_experts, int top_k, "
+        "bool zero_sentinel_rows=False) -> (Tensor sorted_ids, Tensor perm, Tensor offsets, Tensor inv_perm, "
+        "Tensor hidden_sorted, Tensor weights_sorted)"
+    ),
     "allreduce_moe_branch_combine": (
         "(Tensor h1, Tensor h2, Tensor residual, Tensor w1, Tensor w2, Tensor w3, Tensor? scalar, "
         "Tensor? next_weight, float eps1, float eps2, float eps3, float? next_eps, str group_name) "
@@ -369,6 +406,7 @@ _SPECS = {
     "moe_input_norms": (_moe_input_norms, _moe_input_norms_fake, "_moe_input_norms_cuda"),
     "moe_branch_combine": (_moe_branch_combine, _moe_branch_combine_fake, "_moe_branch_combine_cuda"),
     "moe_router": (_moe_router, _moe_router_fake, "_moe_router_cuda"),
+    "moe_dispatch": (_moe_dispatch, _moe_dispatch_fake, "_moe_dispatch_cuda"),
     "allreduce_moe_branch_combine": (_allreduce_moe_branch_combine, _allreduce_moe_branch_combine_fake, None),
     "allreduce_rmsnorm_add": (_allreduce_rmsnorm_add, _allreduce_rmsnorm_add_fake, "_allreduce_rmsnorm_add_cuda"),
     "allreduce_rmsnorm_add_rmsnorm": (
@@ -404,6 +442,7 @@ qkv_norm_rope = torch.ops.gemma4_passes.qkv_norm_rope
 moe_input_norms = torch.ops.gemma4_passes.moe_input_norms
 moe_branch_combine = torch.ops.gemma4_passes.moe_branch_combine
 moe_router = torch.ops.gemma4_passes.moe_router
+moe_dispatch = torch.ops.gemma4_passes.moe_dispatch
 allreduce_moe_branch_combine = torch.ops.gemma4_passes.allreduce_moe_branch_combine
 allreduce_rmsnorm_add = torch.ops.gemma4_passes.allreduce_rmsnorm_add
 allreduce_rmsnorm_add_rmsnorm = torch.ops.gemma4_passes.allreduce_rmsnorm_add_rmsnorm

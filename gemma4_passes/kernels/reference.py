@@ -39,6 +39,7 @@ __all__ = [
     "moe_input_norms_ref",
     "moe_branch_combine_ref",
     "moe_router_ref",
+    "moe_dispatch_ref",
 ]
 
 
@@ -220,3 +221,38 @@ def moe_router_ref(
         raise ValueError(f"form must be 'softmax_topk' or 'topk_softmax', got {form!r}")
     w = w * per_expert_scale.reshape(-1)[ids].float()
     return w.contiguous(), ids.to(ids_dtype).contiguous()
+
+
+def moe_dispatch_ref(
+    expert_ids: torch.Tensor,
+    hidden: Optional[torch.Tensor],
+    weights: Optional[torch.Tensor],
+    num_experts: int,
+    top_k: int,
+    zero_sentinel_rows: bool = False,
+) -> tuple:
+    """The index work of transformers' grouped_mm expert dispatch, ties in original order.
+
+    Returns ``(sorted_ids, perm, offsets, inv_perm, hidden_sorted, weights_sorted)``:
+    ``sort(ids, stable=True)``; ``cumsum(histc(ids, bins=E, min=0, max=E-1), dtype=int32)``
+    (ids outside ``[0, E)`` counted nowhere); the inverse permutation; ``hidden[perm // top_k]``
+    (rows of ids ``>= E`` zeroed if ``zero_sentinel_rows``) and ``weights[perm]`` (None where the
+    input is None).  See :mod:`gemma4_passes.kernels.moe_dispatch`.
+    """
+    ids = expert_ids.reshape(-1)
+    sorted_ids, perm = torch.sort(ids, stable=True)
+    # histc's bins hold the ids 0..E-1 (integers, bin width (E-1)/E); cumulated: #ids in [0, e]
+    experts = torch.arange(num_experts, dtype=ids.dtype, device=ids.device)
+    upto = torch.searchsorted(sorted_ids, experts, right=True)
+    negative = torch.searchsorted(sorted_ids, experts[:1] * 0)
+    offsets = (upto - negative).to(torch.int32)
+    inv_perm = torch.empty_like(perm)
+    inv_perm[perm] = torch.arange(perm.numel(), device=ids.device)
+    rows = None
+    if hidden is not None:
+        rows = hidden[perm // top_k]
+        if zero_sentinel_rows:
+            rows = rows.masked_fill((sorted_ids >= num_experts)[:, None], 0)
+        rows = rows.contiguous()
+    w = weights.reshape(-1)[perm].contiguous() if weights is not None else None
+    return sorted_ids.contiguous(), perm.contiguous(), offsets.contiguous(), inv_perm, rows, w

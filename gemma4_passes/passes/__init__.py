@@ -14,6 +14,7 @@ from .allreduce_norm import AllReduceNorm
 from .base import FusionPass
 from .dead_kv import KvSharedDeadKv
 from .moe_norms import MoeBranchCombine, MoeInputNorms
+from .moe_dispatch import MoeDispatch
 from .moe_router import MoeRouter
 from .norm_residual import FfnTail, PleTail, PostAttnNorm
 from .ple_gate import PleGate
@@ -29,6 +30,7 @@ FUSION_CLASSES: tuple[type[FusionPass], ...] = (
     PleGate,
     QkvNorm,
     MoeRouter,
+    MoeDispatch,  # the experts' index work (reads the router's ids, whichever op made them)
     AllReduceNorm,  # after the epilogue fusions: it folds the all-reduce into their ops
 )
 

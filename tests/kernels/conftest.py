@@ -23,6 +23,7 @@ _KERNEL_MODULES = (  # reload order matters: the others import helpers from the 
     "gemma4_passes.kernels.qkv_norm_rope",
     "gemma4_passes.kernels.moe_norms",
     "gemma4_passes.kernels.moe_router",
+    "gemma4_passes.kernels.moe_dispatch",
     "gemma4_passes.kernels.oneshot_allreduce",
 )
 

@@ -31,6 +31,9 @@ SCHEMAS = {
     "float? next_eps) -> (Tensor normed, Tensor residual_out)",
     "moe_router": "gemma4_passes::moe_router(Tensor logits, Tensor per_expert_scale, int top_k, "
     "bool topk_first=False) -> (Tensor weights, Tensor ids)",
+    "moe_dispatch": "gemma4_passes::moe_dispatch(Tensor expert_ids, Tensor hidden, Tensor weights, "
+    "int num_experts, int top_k, bool zero_sentinel_rows=False) -> (Tensor sorted_ids, Tensor perm, "
+    "Tensor offsets, Tensor inv_perm, Tensor hidden_sorted, Tensor weights_sorted)",
     # all-reduce + epilogue (run under a process group: tests/passes/test_allreduce_norm.py)
     "allreduce_rmsnorm_add": "gemma4_passes::allreduce_rmsnorm_add(Tensor x, Tensor residual, Tensor weight, "
     "Tensor? scalar, float eps, str group_name) -> Tensor",
@@ -64,6 +67,10 @@ def _samples(device="cpu", dtype=torch.bfloat16):
     n_exp = 16
     logits = rand((5, n_exp + 4), dtype, device, scale=2.0)[:, 2 : 2 + n_exp]  # row stride > E
     pes = (torch.rand(n_exp) + 0.5).to(device)
+    top_k_ids = torch.randint(0, n_exp, (7, 2), device=device)
+    top_k_ids[::3, 1] = n_exp  # an expert-parallel sentinel (sorted last, not counted)
+    tokens = rand((7, n + 8), dtype, device)[:, :n]  # row stride > H
+    top_k_w = torch.rand(7, 2, device=device)
     return [
         ("rmsnorm_add", (x, r, w, None, 1e-6)),
         ("rmsnorm_add", (x, r, w32, sc, 1e-6)),
@@ -76,6 +83,8 @@ def _samples(device="cpu", dtype=torch.bfloat16):
         ("qkv_norm_rope", (q, k, k, qw, kw, cos, sin, 1e-6, 1e-5, 1e-4)),  # attention_k_eq_v
         ("moe_router", (logits, pes, 4)),
         ("moe_router", (logits, pes.to(dtype), 2, True)),  # SGLang / vLLM order: top-k, then softmax
+        ("moe_dispatch", (top_k_ids.reshape(-1), tokens, top_k_w.reshape(-1), n_exp, 2)),
+        ("moe_dispatch", (top_k_ids.reshape(-1).int(), tokens, top_k_w.reshape(-1).to(dtype), n_exp, 2, True)),
         ("moe_input_norms", (x, r, w, w32, w, w, n ** -0.5, 1e-6, 1e-5, 1e-6, 2e-6)),
         ("moe_branch_combine", (x, gate, r, w, w32, w, sc, w, 1e-6, 1e-6, 1e-5, 1e-6)),
         ("moe_branch_combine", (x, gate, r, w, w, w, None, None, 1e-6, 1e-6, 1e-6, None)),  # no next norm
@@ -93,10 +102,15 @@ _REFS = {
     "moe_router": lambda logits, pes, k, topk_first=False: R.moe_router_ref(
         logits, pes, k, "topk_softmax" if topk_first else "softmax_topk"
     ),
+    "moe_dispatch": R.moe_dispatch_ref,
 }
 
-#: output dtypes of the ops that do not return the io dtype
-_OUT_DTYPES = {"moe_router": (torch.float32, torch.int64)}
+#: output dtypes of the ops that do not return the io dtype (from the op's args where they vary)
+_OUT_DTYPES = {
+    "moe_router": lambda args: (torch.float32, torch.int64),
+    "moe_dispatch": lambda args: (args[0].dtype, torch.int64, torch.int32, torch.int64, args[1].dtype,
+                                  args[2].dtype),
+}
 
 
 def _as_tuple(x):
@@ -113,6 +127,7 @@ def test_schemas_and_handles():
     assert K.q_norm_rope_op is torch.ops.gemma4_passes.q_norm_rope
     assert K.qkv_norm_rope_op is torch.ops.gemma4_passes.qkv_norm_rope
     assert K.moe_router_op is torch.ops.gemma4_passes.moe_router
+    assert K.moe_dispatch_op is torch.ops.gemma4_passes.moe_dispatch
 
 
 def test_registration_is_idempotent():
@@ -139,7 +154,8 @@ def test_cpu_impl_is_reference_and_contiguous(dtype):
     for name, args in _samples(dtype=dtype):
         got = _as_tuple(getattr(torch.ops.gemma4_passes, name)(*args))
         ref = _as_tuple(_REFS[name](*args))
-        for g, r, dt in zip(got, ref, _OUT_DTYPES.get(name, (dtype,) * len(got))):
+        dts = _OUT_DTYPES[name](args) if name in _OUT_DTYPES else (dtype,) * len(got)
+        for g, r, dt in zip(got, ref, dts):
             assert g.is_contiguous() and g.dtype == dt, name
             assert torch.equal(g, r), name
 

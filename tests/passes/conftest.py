@@ -358,7 +358,7 @@ class Case:
 
 
 FUSED_OPS = (g4.rmsnorm_add, g4.rmsnorm_add_rmsnorm, g4.gelu_tanh_mul, g4.q_norm_rope, g4.qkv_norm_rope,
-             g4.moe_input_norms, g4.moe_branch_combine, g4.moe_router)
+             g4.moe_input_norms, g4.moe_branch_combine, g4.moe_router, g4.moe_dispatch)
 
 
 def run_case(fn: Callable, args: Sequence, fusion: str, *, dynamic=None, baseline: bool | None = None) -> Case:
