@@ -2,7 +2,7 @@
 which norm kernel to pick at prefill-ish row counts.
 
   PYTHONPATH=. python3 benchmarks/diag_layer_kernels.py [--preset 31b --layers 2 --tokens 64]
-      [--only copies,sweep,sweep_cold,q_rope,router_ties]
+      [--only copies,sweep,sweep_cold,sweep_wide,q_rope,router_ties]
 
 1. Compiles a published-dims decoder slice with the passes, runs it once (no CUDA graph) under
    torch.profiler and prints, for every copy kernel, the chain of CPU ops that launched it; also
@@ -121,27 +121,35 @@ def _bench_rotated(fn_of_set, sets, rep=30) -> float:
     return tt.do_bench_cudagraph(all_sets, rep=rep) * 1000 / len(sets)
 
 
+def _hf_tail(x, r, w, sc, wn):
+    """The FFN tail as transformers writes it (fp32 upcast, pow(-0.5), type_as): Inductor's input."""
+    def rms(t, ww):
+        tf = t.float()
+        return (tf * torch.pow(tf.pow(2).mean(-1, keepdim=True) + 1e-6, -0.5) * ww.float()).type_as(t)
+    h = (r + rms(x, w)) * sc
+    return rms(h, wn), h
+
+
+def _cold_sets(m: int, n: int) -> list:
+    """Input sets (x, r, w, scalar, next_w, out, normed_out), together larger than L2."""
+    sets = []
+    for _ in range(max(2, (96 << 20) // (4 * m * n * 2))):
+        x = torch.randn(m, n, device="cuda", dtype=torch.bfloat16) * 20
+        sets.append((x, torch.randn_like(x), torch.randn(n, device="cuda", dtype=torch.bfloat16),
+                     torch.rand(1, device="cuda", dtype=torch.bfloat16) + 0.5,
+                     torch.randn(n, device="cuda", dtype=torch.bfloat16),
+                     torch.empty_like(x), torch.empty_like(x)))
+    return sets
+
+
 def norm_sweep_cold() -> None:
     from gemma4_passes.kernels.norm_residual import rmsnorm_add_rmsnorm_triton
 
-    def tail(x, r, w, sc, wn):
-        def rms(t, ww):
-            tf = t.float()
-            return (tf * torch.pow(tf.pow(2).mean(-1, keepdim=True) + 1e-6, -0.5) * ww.float()).type_as(t)
-        h = (r + rms(x, w)) * sc
-        return rms(h, wn), h
-
-    ind = torch.compile(tail, dynamic=False)
+    ind = torch.compile(_hf_tail, dynamic=False)
     print("== rmsnorm_add_rmsnorm bf16, cold inputs (rotated sets > L2), us: tile / loop / Inductor")
     for n in (5376,):
         for m in (256, 512, 768, 1024, 2048):
-            sets = []
-            for _ in range(max(2, (96 << 20) // (4 * m * n * 2))):
-                x = torch.randn(m, n, device="cuda", dtype=torch.bfloat16) * 20
-                sets.append((x, torch.randn_like(x), torch.randn(n, device="cuda", dtype=torch.bfloat16),
-                             torch.rand(1, device="cuda", dtype=torch.bfloat16) + 0.5,
-                             torch.randn(n, device="cuda", dtype=torch.bfloat16),
-                             torch.empty_like(x), torch.empty_like(x)))
+            sets = _cold_sets(m, n)
             res = {impl: _bench_rotated(
                 lambda st, impl=impl: rmsnorm_add_rmsnorm_triton(*st[:5], 1e-6, 1e-6, out=st[5], normed_out=st[6],
                                                                  impl=impl), sets) for impl in ("tile", "loop")}
@@ -212,13 +220,52 @@ def router_ties() -> None:
                   f"rank: {same_vals}, max rel weight err on other rows {werr:.2e}", flush=True)
 
 
+def norm_sweep_wide() -> None:
+    """Wide rows (31B, N=5376) at the prefill sizes where Inductor's fusion beat both kernels:
+    launch configurations of the two kernels vs Inductor and a same-bytes copy, cold inputs; and
+    the configuration Inductor picked (from its generated code)."""
+    import re
+
+    from torch._inductor.utils import run_and_get_code
+
+    from gemma4_passes.kernels.norm_residual import rmsnorm_add_rmsnorm_triton
+
+    n = 5376
+    configs = [("tile", 1, w) for w in (4, 8, 16, 32)] + [("tile", 2, w) for w in (8, 16, 32)]
+    configs += [("loop", c, w) for c in (1024, 2048) for w in (4, 8, 16)]
+    print("== rmsnorm_add_rmsnorm bf16 N=5376, cold inputs, us (impl/rows-or-chunk/warps)")
+    for m in (256, 512, 1024, 2048, 8192):
+        ind = torch.compile(_hf_tail, dynamic=False)
+        # each set also holds [x; r] and a same-size destination: the copy of the same bytes
+        sets = [st + (torch.cat(st[:2]), torch.empty(2 * m, n, device="cuda", dtype=torch.bfloat16))
+                for st in _cold_sets(m, n)]
+        _, code = run_and_get_code(ind, *sets[0][:5])
+        cfg = sorted(set(re.findall(r"(num_warps['\"]?[:=] ?\d+|[XR]0?_?BLOCK['\"]?[:=] ?\d+|persistent_reduction|"
+                                    r"@triton_heuristics\.\w+)", "\n".join(code))))
+        res = {}
+        for impl, k, w in configs:
+            kw = dict(impl=impl, num_warps=w, **({"rows_per_program": k} if impl == "tile" else {"chunk": k}))
+            res[f"{impl}/{k}/{w}"] = _bench_rotated(
+                lambda st, kw=kw: rmsnorm_add_rmsnorm_triton(*st[:5], 1e-6, 1e-6, out=st[5], normed_out=st[6], **kw),
+                sets)
+        res["default"] = _bench_rotated(
+            lambda st: rmsnorm_add_rmsnorm_triton(*st[:5], 1e-6, 1e-6, out=st[5], normed_out=st[6]), sets)
+        res["inductor"] = _bench_rotated(lambda st: ind(*st[:5]), sets)
+        # the same bytes moved: read x and r, write two outputs ([2M, N] -> [2M, N])
+        res["copy"] = _bench_rotated(lambda st: st[8].copy_(st[7]), sets)
+        best = min((v, k) for k, v in res.items() if k not in ("inductor", "copy"))
+        print(f"  M={m}: " + "  ".join(f"{k} {v:.1f}" for k, v in res.items()), flush=True)
+        print(f"  M={m}: best {best[1]} {best[0]:.1f} vs inductor {res['inductor']:.1f}; inductor config {cfg}",
+              flush=True)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="31b")
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--only", default="copies,sweep",
-                    help="comma list of: copies, sweep, sweep_cold, q_rope, router_ties")
+                    help="comma list of: copies, sweep, sweep_cold, sweep_wide, q_rope, router_ties")
     args = ap.parse_args(argv)
     todo = args.only.split(",")
     if "copies" in todo:
@@ -227,6 +274,8 @@ def main(argv=None) -> int:
         norm_sweep()
     if "sweep_cold" in todo:
         norm_sweep_cold()
+    if "sweep_wide" in todo:
+        norm_sweep_wide()
     if "q_rope" in todo:
         q_rope_sweep()
     if "router_ties" in todo:

@@ -385,7 +385,7 @@ def _loop_config(n: int) -> tuple[int, int]:
 
 def _launch(
     x, residual, weight, scalar, next_weight, eps, next_eps, second, out, normed_out, rows_per_program,
-    impl, chunk, unrounded_sum=False,
+    impl, chunk, unrounded_sum=False, num_warps=None,
 ):
     if x.dim() < 1:
         raise ValueError("x must have at least one dimension")
@@ -442,6 +442,7 @@ def _launch(
         c, warps = _loop_config(n)
         if chunk is not None:
             c, warps = chunk, max(1, min(warps, chunk // 128))
+        warps = num_warps or warps
         _rmsnorm_residual_loop_kernel[(m,)](
             *common,
             CHUNK=c,
@@ -456,7 +457,7 @@ def _launch(
             BLOCK_N=block,
             ROWS=rows,
             **flags,
-            num_warps=_tile_warps(rows, block),
+            num_warps=num_warps or _tile_warps(rows, block),
             enable_fp_fusion=False,  # no mul+add -> FMA contraction: round like eager, op by op
         )
     return normed_out, out
@@ -480,6 +481,7 @@ def rmsnorm_add_triton(
     rows_per_program: Optional[int] = None,
     impl: Optional[str] = None,
     chunk: Optional[int] = None,
+    num_warps: Optional[int] = None,
 ) -> torch.Tensor:
     """``round(residual + rms(x, weight, eps))`` [``* scalar``, rounded]: one launch.
 
@@ -511,6 +513,7 @@ def rmsnorm_add_rmsnorm_triton(
     impl: Optional[str] = None,
     chunk: Optional[int] = None,
     unrounded_sum: bool = False,
+    num_warps: Optional[int] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(normed, residual_out)``: ``residual_out`` as :func:`rmsnorm_add_triton`, and
     ``normed = rms(residual_out, next_weight, next_eps)`` (no weight if ``next_weight`` is None)
@@ -519,5 +522,5 @@ def rmsnorm_add_rmsnorm_triton(
     sum before rounding instead.  Tuning knobs as :func:`rmsnorm_add_triton`."""
     return _launch(
         x, residual, weight, scalar, next_weight, eps, next_eps, True, out, normed_out, rows_per_program,
-        impl, chunk, unrounded_sum,
+        impl, chunk, unrounded_sum, num_warps,
     )
