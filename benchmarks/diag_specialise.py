@@ -6,6 +6,8 @@ time a size symbol is replaced by a constant (what a guard like ``Eq(s27, 32)`` 
 stack that caused it is printed once per distinct stack.
 
     PYTHONPATH=. python benchmarks/diag_specialise.py --preset tiny-e2b --layers 4 --modes piecewise
+
+(add ``TORCH_LOGS=recompiles`` for Dynamo's reason for each further graph)
 """
 
 from __future__ import annotations
@@ -47,7 +49,13 @@ def main() -> None:
     ap.add_argument("--emulate-capture", action="store_true", help="CPU: run the capture path with EmulatedCapture")
     args = ap.parse_args()
 
+    import logging
+
     from gemma4_passes import step_bench as sb
+
+    # the runtime's one-line reasons (a piece that runs uncaptured, a rejected capture)
+    logging.basicConfig(level=logging.WARNING)
+    logging.getLogger("gemma4_passes").setLevel(logging.INFO)
 
     hits = install_probe(args.frames)
     cfg = sb.BenchConfig(preset=args.preset, layers=args.layers, device=args.device,

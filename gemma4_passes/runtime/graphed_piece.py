@@ -100,6 +100,8 @@ class _Captured:
 
 
 _FALLBACK = object()
+#: a piece with more moving non-token inputs than this runs uncaptured (weights are not copied per call)
+_MAX_COPIED = 8
 
 
 class GraphedPiece:
@@ -115,6 +117,9 @@ class GraphedPiece:
         self.returned = returned  # output positions that leave the compiled model
         self.graphs: dict = {}
         self._said: set = set()
+        #: inputs that are not token-sized but changed address between calls (activations of a
+        #: static piece, e.g. the B=1 decode graph): copied into a static buffer, like token inputs
+        self.copied: set[int] = set()
         if not shape.capturable:
             self._say("shape", f"gemma4_passes: piece {name} runs uncaptured: {shape.reason}")
 
@@ -142,16 +147,24 @@ class GraphedPiece:
             return self._capture(bucket, n, args)
         if entry is _FALLBACK:
             return self._run_uncaptured(args)
-        for i, ptr in entry.fixed_ptrs.items():
-            if args[i].data_ptr() != ptr:
-                self._say(f"ptr{i}", f"gemma4_passes: piece {self.name}: input {i} is not token-sized "
-                                     "and changed address since capture; this call runs uncaptured")
+        moved = [i for i, ptr in entry.fixed_ptrs.items() if args[i].data_ptr() != ptr]
+        if moved:
+            if self.copied.intersection(moved) or len(self.copied) > _MAX_COPIED:
                 return self._run_uncaptured(args)
+            # first time: copy these inputs in from now on; the captures read the old addresses
+            self._say(f"moved{moved}", f"gemma4_passes: piece {self.name}: inputs {moved} are not token-sized "
+                                       "and changed address since capture; copied into static buffers from now on")
+            self.copied.update(moved)
+            self.graphs.clear()
+            return self._capture(bucket, n, args)
         self._copy_in(entry.static_args, args, n)
         entry.replay()
         return self._outputs(entry.outs, n)
 
     def _copy_in(self, static_args: list, args: Sequence, n: int | None) -> None:
+        for i in self.copied:
+            if args[i].data_ptr() != static_args[i].data_ptr():
+                static_args[i].copy_(args[i])
         for i, d in self.shape.token_inputs:
             dst, src = static_args[i], args[i]
             if src.data_ptr() == dst.data_ptr() and src.stride() == dst.stride():
@@ -174,7 +187,7 @@ class GraphedPiece:
     def _static_args(self, args: Sequence, n: int | None, bucket: int | None) -> tuple[list, dict]:
         static = list(args)
         token_positions = {i for i, _ in self.shape.token_inputs}
-        for i, d in self.shape.token_inputs:
+        for k, (i, d) in enumerate(self.shape.token_inputs):
             src = args[i]
             full = self.shared.static_outputs.get(src.data_ptr())
             if full is not None and full.shape[d] == bucket and full.stride() == src.stride():
@@ -182,26 +195,43 @@ class GraphedPiece:
                 continue
             size = list(src.shape)
             size[d] = bucket
-            buf = torch.zeros(size, dtype=src.dtype, device=src.device)  # contiguous, as the source
+            # the layout the piece was compiled for, at the bucket (a strided slice stays strided)
+            strides = self.shape.strides_at(k, bucket) if not src.is_contiguous() else None
+            buf = (torch.empty_strided(size, strides, dtype=src.dtype, device=src.device).zero_()
+                   if strides is not None else torch.zeros(size, dtype=src.dtype, device=src.device))
             buf.narrow(d, 0, n).copy_(src)
             static[i] = buf
         for i in self.shape.symint_inputs:
             static[i] = bucket
+        self._copy_static(static, args)
         fixed = {i: a.data_ptr() for i, a in enumerate(args)
-                 if isinstance(a, torch.Tensor) and i not in token_positions}
+                 if isinstance(a, torch.Tensor) and i not in token_positions and i not in self.copied}
+        return static, fixed
+
+    def _copy_static(self, static: list, args: Sequence) -> None:
+        """Static buffers (same shape and strides) for the inputs in ``self.copied``."""
+        for i in self.copied:
+            src = args[i]
+            static[i] = torch.empty_strided(src.shape, src.stride(), dtype=src.dtype, device=src.device)
+            static[i].copy_(src)
+
+    def _static_args_fixed(self, args: Sequence) -> tuple[list, dict]:
+        """A static piece: every input read in place, except the ones copied in."""
+        static = list(args)
+        self._copy_static(static, args)
+        fixed = {i: a.data_ptr() for i, a in enumerate(args) if isinstance(a, torch.Tensor) and i not in self.copied}
         return static, fixed
 
     def _capture(self, bucket: int | None, n: int | None, args: Sequence):
         if n is not None:
-            bad = [i for i, _ in self.shape.token_inputs if not args[i].is_contiguous()]
+            bad = [i for k, (i, _) in enumerate(self.shape.token_inputs)
+                   if not args[i].is_contiguous() and not self._layout_known(k, args[i])]
             if bad:
                 self._say("layout", f"gemma4_passes: piece {self.name}: token-sized inputs {bad} are not "
-                                    "contiguous; runs uncaptured")
+                                    "contiguous and their layout at another size is not known; runs uncaptured")
                 self.graphs[bucket] = _FALLBACK
                 return self._run_uncaptured(args)
-        static, fixed = (self._static_args(args, n, bucket) if n is not None
-                         else (list(args), {i: a.data_ptr() for i, a in enumerate(args)
-                                            if isinstance(a, torch.Tensor)}))
+        static, fixed = (self._static_args(args, n, bucket) if n is not None else self._static_args_fixed(args))
         try:
             outs, replay = self.shared.capturer.capture(self.compiled, static)
         except Exception as e:  # a capture-unsafe piece: run it uncaptured, say why once
@@ -229,6 +259,13 @@ class GraphedPiece:
             if isinstance(o, torch.Tensor) and o.numel():
                 self.shared.static_outputs[o.data_ptr()] = o
         return self._outputs(outs, n)
+
+    def _layout_known(self, k: int, src: torch.Tensor) -> bool:
+        """True when the compiled strides of token input ``k``, evaluated at this call's size, are
+        the input's own (dims of size 1 aside): then a bucket-sized buffer can copy the layout."""
+        i, d = self.shape.token_inputs[k]
+        want = self.shape.strides_at(k, src.shape[d])
+        return want is not None and all(w == s or n == 1 for w, s, n in zip(want, src.stride(), src.shape))
 
     def _rows(self, outs: list, n: int | None) -> list:
         if n is None:

@@ -36,6 +36,8 @@ class PieceShape:
     token_outputs: tuple[tuple[int, int], ...] = ()
     symint_outputs: tuple[int, ...] = ()
     reason: str | None = None
+    #: per ``token_inputs`` entry, the input's strides as compiled (ints or expressions of ``symbol``)
+    token_input_strides: tuple[tuple[Any, ...], ...] = ()
 
     @property
     def capturable(self) -> bool:
@@ -44,6 +46,21 @@ class PieceShape:
     @property
     def static(self) -> bool:
         return self.symbol is None
+
+    def strides_at(self, k: int, size: int) -> tuple[int, ...] | None:
+        """The strides the compiled piece expects of token input ``k`` (its position in
+        ``token_inputs``) at token count ``size``; None where a stride depends on another symbol."""
+        if k >= len(self.token_input_strides):
+            return None
+        out = []
+        for st in self.token_input_strides[k]:
+            if isinstance(st, int):
+                out.append(st)
+            elif st.free_symbols <= {self.symbol}:
+                out.append(int(st.subs(self.symbol, size)))
+            else:
+                return None
+        return tuple(out)
 
     def runtime_size(self, args: Sequence[Any]) -> int | None:
         """The token count of a real call (None for a static piece)."""
@@ -89,10 +106,12 @@ class _Collector:
 def analyse_piece(args: Sequence[Any], outs: Sequence[Any]) -> PieceShape:
     """The :class:`PieceShape` of a piece from its fake (symbolic) inputs and outputs."""
     c = _Collector()
-    tin, sin, tout, sout = [], [], [], []
+    tin, sin, tout, sout, strides = [], [], [], [], []
     for i, a in enumerate(args):
         if isinstance(a, torch.Tensor):
-            tin += [(i, d) for d in c.tensor(f"input {i}", a)]
+            dims = c.tensor(f"input {i}", a)
+            tin += [(i, d) for d in dims]
+            strides += [tuple(_expr(st) if _expr(st) is not None else int(st) for st in a.stride())] * len(dims)
         elif c.note(f"input {i}", _expr(a)):
             sin.append(i)
     for i, o in enumerate(outs):
@@ -110,4 +129,4 @@ def analyse_piece(args: Sequence[Any], outs: Sequence[Any]) -> PieceShape:
     elif c.symbols and not (tin or sin):
         reason = "the token count is not visible in the inputs"
     symbol = next(iter(c.symbols)) if len(c.symbols) == 1 else None
-    return PieceShape(symbol, tuple(tin), tuple(sin), tuple(tout), tuple(sout), reason)
+    return PieceShape(symbol, tuple(tin), tuple(sin), tuple(tout), tuple(sout), reason, tuple(strides))

@@ -134,6 +134,7 @@ def piecewise_backend(
         raise ValueError(f"buckets must be positive token counts, got {buckets!r}")
 
     def backend(gm: torch.fx.GraphModule, example_inputs):
+        from torch._dispatch.python import enable_python_dispatcher
         from torch._guards import detect_fake_mode
         from torch._inductor.compile_fx import compile_fx
 
@@ -156,7 +157,10 @@ def piecewise_backend(
                                 single=not isinstance(out, (tuple, list)))
 
         compiler = _PieceCompiler(res, compile_piece)
-        with fake_mode:
+        # The python dispatcher, as Dynamo and AOTAutograd trace with it: without it a composite op
+        # runs its C++ kernel on the fake inputs, and some read concrete sizes (CUDA linear calls
+        # aten.size -> int(s)), which specialises the token count to this call's (one graph per size).
+        with fake_mode, enable_python_dispatcher():
             compiler.run(*fakes)
         for name, piece in compiler.compiled.items():
             del res.module._modules[name]
