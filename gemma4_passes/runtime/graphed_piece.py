@@ -11,8 +11,13 @@ What keeps this safe by construction:
   (a CPU sync, a capture-unsafe op), or a size the parity guard rejected runs the compiled piece
   uncaptured, with one log line per piece and reason;
 * every tensor input that is not token-sized (weights, buffers) is read by the graph at its
-  captured address, so a call that passes another tensor there runs uncaptured (never the stale
-  memory);
+  captured address and checked on every call: an input found at another address is from then
+  on copied into a static buffer (the activations of a static piece, e.g. the B=1 decode graph)
+  and the piece recaptured once; past ``_MAX_COPIED`` such inputs the piece runs uncaptured
+  (never the stale memory);
+* a token-sized input that is a strided slice gets a bucket-sized buffer in the layout the piece
+  was compiled for (its symbolic strides at the bucket), or runs uncaptured when that layout is
+  not known;
 * outputs that leave the compiled model are cloned (static buffers are overwritten by the next
   replay); outputs that feed the next piece are not, and a next piece captured at the same bucket
   reads them in place with no copy.
@@ -21,6 +26,7 @@ What keeps this safe by construction:
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -101,14 +107,15 @@ class _Captured:
 
 _FALLBACK = object()
 #: a piece with more moving non-token inputs than this runs uncaptured (weights are not copied per call)
-_MAX_COPIED = 8
+_MAX_COPIED = 16
 
 
 class GraphedPiece:
     """Callable that replays ``compiled`` from per-bucket CUDA graphs (see the module doc)."""
 
     def __init__(self, name: str, compiled: Callable, shape: PieceShape, shared: CaptureShared,
-                 returned: frozenset[int] = frozenset(), single: bool = False):
+                 returned: frozenset[int] = frozenset(), single: bool = False,
+                 mutated: frozenset[int] = frozenset()):
         self.name = name
         self.single = single  # the piece returns one value, not a tuple
         self.compiled = compiled
@@ -120,6 +127,11 @@ class GraphedPiece:
         #: inputs that are not token-sized but changed address between calls (activations of a
         #: static piece, e.g. the B=1 decode graph): copied into a static buffer, like token inputs
         self.copied: set[int] = set()
+        self.mutated = mutated  # inputs the piece writes in place: never swapped for a static copy
+        written = sorted(mutated.intersection(i for i, _ in shape.token_inputs))
+        if written and shape.capturable:
+            self.shape = shape = dataclasses.replace(
+                shape, reason=f"it writes its token-sized inputs {written} in place")
         if not shape.capturable:
             self._say("shape", f"gemma4_passes: piece {name} runs uncaptured: {shape.reason}")
 
@@ -149,7 +161,13 @@ class GraphedPiece:
             return self._run_uncaptured(args)
         moved = [i for i, ptr in entry.fixed_ptrs.items() if args[i].data_ptr() != ptr]
         if moved:
-            if self.copied.intersection(moved) or len(self.copied) > _MAX_COPIED:
+            if self.mutated.intersection(moved):
+                self._say(f"wmoved{moved}", f"gemma4_passes: piece {self.name}: inputs {moved} changed address "
+                                            "and are written in place by the piece; this call runs uncaptured")
+                return self._run_uncaptured(args)
+            if len(self.copied.union(moved)) > _MAX_COPIED:
+                self._say("moving", f"gemma4_passes: piece {self.name}: more than {_MAX_COPIED} inputs that are "
+                                    "not token-sized change address between calls; runs uncaptured")
                 return self._run_uncaptured(args)
             # first time: copy these inputs in from now on; the captures read the old addresses
             self._say(f"moved{moved}", f"gemma4_passes: piece {self.name}: inputs {moved} are not token-sized "

@@ -130,3 +130,53 @@ def analyse_piece(args: Sequence[Any], outs: Sequence[Any]) -> PieceShape:
         reason = "the token count is not visible in the inputs"
     symbol = next(iter(c.symbols)) if len(c.symbols) == 1 else None
     return PieceShape(symbol, tuple(tin), tuple(sin), tuple(tout), tuple(sout), reason, tuple(strides))
+
+
+def mutated_inputs(gm: torch.fx.GraphModule) -> frozenset[int]:
+    """Positions of ``gm``'s inputs that its graph writes in place (an op with a mutable schema
+    argument, or an in-place tensor method like ``add_``).  Such an input must never be swapped for
+    a static copy: the write would land in the copy."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    index = {n: i for i, n in enumerate(placeholders)}
+
+    def written(node: torch.fx.Node) -> list:
+        if node.op == "call_method" and node.target.endswith("_") and not node.target.startswith("_"):
+            return [node.args[0]]
+        schema = getattr(node.target, "_schema", None)
+        if node.op != "call_function" or schema is None:
+            return []
+        out = []
+        for i, arg in enumerate(schema.arguments):
+            if arg.alias_info is not None and arg.alias_info.is_write:
+                out.append(node.args[i] if i < len(node.args) else node.kwargs.get(arg.name))
+        return out
+
+    hit = set()
+    for node in gm.graph.nodes:
+        for target in written(node):
+            # a view of an input written in place writes the input
+            while isinstance(target, torch.fx.Node) and target not in index and target.args \
+                    and isinstance(target.args[0], torch.fx.Node) and _is_view(target):
+                target = target.args[0]
+            if isinstance(target, torch.fx.Node) and target in index:
+                hit.add(index[target])
+    return frozenset(hit)
+
+
+_VIEW_METHODS = {"view", "reshape", "transpose", "permute", "unsqueeze", "squeeze", "narrow", "select",
+                 "expand", "flatten", "unflatten", "t", "as_strided", "__getitem__", "contiguous"}
+
+
+def _is_view(node: torch.fx.Node) -> bool:
+    import operator
+
+    if node.op == "call_method":
+        return node.target in _VIEW_METHODS
+    if node.op == "call_function":
+        if node.target is operator.getitem:
+            return True
+        schema = getattr(node.target, "_schema", None)
+        if schema is not None:
+            return bool(schema.returns) and schema.returns[0].alias_info is not None
+        return getattr(node.target, "__name__", "") in _VIEW_METHODS
+    return False

@@ -23,7 +23,7 @@ from torch.fx.passes.split_module import split_module
 
 from .graphed_piece import DEFAULT_BUCKETS, CaptureShared, CudaGraphCapture, EmulatedCapture, GraphedPiece
 from .parity_guard import ParityGuard
-from .piece_shapes import analyse_piece
+from .piece_shapes import analyse_piece, mutated_inputs
 from .split_ops import is_split_node, split_targets
 
 log = logging.getLogger("gemma4_passes")
@@ -154,7 +154,7 @@ def piecewise_backend(
             outs = list(out) if isinstance(out, (tuple, list)) else [out]
             shape = analyse_piece(args, outs)
             return GraphedPiece(name, compiled, shape, shared, returned.get(name, frozenset()),
-                                single=not isinstance(out, (tuple, list)))
+                                single=not isinstance(out, (tuple, list)), mutated=mutated_inputs(sub))
 
         compiler = _PieceCompiler(res, compile_piece)
         # The python dispatcher, as Dynamo and AOTAutograd trace with it: without it a composite op

@@ -301,3 +301,37 @@ def test_strided_token_input_is_captured_in_its_own_layout(caplog):
             _close(compiled(x, *w), two_layers(x, *w))
     assert "not contiguous" not in caplog.text
     assert backend.capture.captures >= 2 and not backend.capture.rejected
+
+
+def writes_token_input(x, acc, w1, w2, w3, wp):
+    acc.add_(x)  # a token-sized input written in place by the first piece
+    a = ATTN(rms(x, w1))
+    return x + rms(a, w2)
+
+
+def test_piece_writing_its_token_input_runs_uncaptured(caplog):
+    backend = _backend()
+    w = _weights()
+    compiled = _compile(writes_token_input, backend)
+    with caplog.at_level(logging.INFO, logger="gemma4_passes"):
+        for i, n in enumerate((6, 3, 6)):
+            x, acc = _x(n, i), _x(n, 10 + i)
+            if i == 0:
+                torch._dynamo.mark_dynamic(x, 0)
+                torch._dynamo.mark_dynamic(acc, 0)
+            want_acc = acc + x
+            _close(compiled(x, acc, *w), writes_token_input(x, acc.clone(), *w))
+            assert torch.equal(acc, want_acc)  # the write reached the caller's tensor
+    assert "writes its token-sized inputs" in caplog.text
+
+
+def test_mutated_inputs_found():
+    from gemma4_passes.runtime.piece_shapes import mutated_inputs
+
+    def f(a, b, c):
+        a.add_(1)
+        b[:, 0].copy_(c[:, 0])
+        return a + b + c
+
+    assert mutated_inputs(torch.fx.symbolic_trace(f)) == {0, 1}
+    assert mutated_inputs(torch.fx.symbolic_trace(lambda a, b: (a * 2, b.view(-1)))) == frozenset()
