@@ -173,7 +173,7 @@ class GraphedPiece:
             self._say(f"moved{moved}", f"gemma4_passes: piece {self.name}: inputs {moved} are not token-sized "
                                        "and changed address since capture; copied into static buffers from now on")
             self.copied.update(moved)
-            self.graphs.clear()
+            self._drop_captures()
             return self._capture(bucket, n, args)
         self._copy_in(entry.static_args, args, n)
         entry.replay()
@@ -203,6 +203,8 @@ class GraphedPiece:
 
     # -- capture ---------------------------------------------------------------------------------
     def _static_args(self, args: Sequence, n: int | None, bucket: int | None) -> tuple[list, dict]:
+        """(the capture's inputs, {position: address} of those read in place); a static piece has
+        no token inputs, so only the copied ones get buffers."""
         static = list(args)
         token_positions = {i for i, _ in self.shape.token_inputs}
         for k, (i, d) in enumerate(self.shape.token_inputs):
@@ -233,13 +235,6 @@ class GraphedPiece:
             static[i] = torch.empty_strided(src.shape, src.stride(), dtype=src.dtype, device=src.device)
             static[i].copy_(src)
 
-    def _static_args_fixed(self, args: Sequence) -> tuple[list, dict]:
-        """A static piece: every input read in place, except the ones copied in."""
-        static = list(args)
-        self._copy_static(static, args)
-        fixed = {i: a.data_ptr() for i, a in enumerate(args) if isinstance(a, torch.Tensor) and i not in self.copied}
-        return static, fixed
-
     def _capture(self, bucket: int | None, n: int | None, args: Sequence):
         if n is not None:
             bad = [i for k, (i, _) in enumerate(self.shape.token_inputs)
@@ -249,7 +244,7 @@ class GraphedPiece:
                                     "contiguous and their layout at another size is not known; runs uncaptured")
                 self.graphs[bucket] = _FALLBACK
                 return self._run_uncaptured(args)
-        static, fixed = (self._static_args(args, n, bucket) if n is not None else self._static_args_fixed(args))
+        static, fixed = self._static_args(args, n, bucket)
         try:
             outs, replay = self.shared.capturer.capture(self.compiled, static)
         except Exception as e:  # a capture-unsafe piece: run it uncaptured, say why once
@@ -278,10 +273,20 @@ class GraphedPiece:
                 self.shared.static_outputs[o.data_ptr()] = o
         return self._outputs(outs, n)
 
+    def _drop_captures(self) -> None:
+        """Forget this piece's captures (their static inputs are stale); sizes the parity guard
+        rejected stay rejected."""
+        for entry in self.graphs.values():
+            if entry is not _FALLBACK:
+                for o in entry.outs:
+                    if isinstance(o, torch.Tensor) and self.shared.static_outputs.get(o.data_ptr()) is o:
+                        del self.shared.static_outputs[o.data_ptr()]
+        self.graphs = {b: e for b, e in self.graphs.items() if e is _FALLBACK}
+
     def _layout_known(self, k: int, src: torch.Tensor) -> bool:
         """True when the compiled strides of token input ``k``, evaluated at this call's size, are
         the input's own (dims of size 1 aside): then a bucket-sized buffer can copy the layout."""
-        i, d = self.shape.token_inputs[k]
+        _, d = self.shape.token_inputs[k]
         want = self.shape.strides_at(k, src.shape[d])
         return want is not None and all(w == s or n == 1 for w, s, n in zip(want, src.stride(), src.shape))
 

@@ -14,6 +14,7 @@ size, independently of the pieces before it.
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -140,13 +141,15 @@ def mutated_inputs(gm: torch.fx.GraphModule) -> frozenset[int]:
     index = {n: i for i, n in enumerate(placeholders)}
 
     def written(node: torch.fx.Node) -> list:
-        if node.op == "call_method" and node.target.endswith("_") and not node.target.startswith("_"):
-            return [node.args[0]]
+        out = [node.kwargs["out"]] if "out" in node.kwargs else []  # torch.add(a, b, out=c)
+        if node.op == "call_method":
+            return out + ([node.args[0]] if _in_place_name(node.target) else [])
+        if node.op != "call_function":
+            return out
+        if node.target in _IN_PLACE_OPERATORS or _in_place_name(getattr(node.target, "__name__", "")):
+            return out + [node.args[0]]  # x[i] = v; x += y; torch.Tensor.add_(x, y)
         schema = getattr(node.target, "_schema", None)
-        if node.op != "call_function" or schema is None:
-            return []
-        out = []
-        for i, arg in enumerate(schema.arguments):
+        for i, arg in enumerate(schema.arguments if schema is not None else ()):
             if arg.alias_info is not None and arg.alias_info.is_write:
                 out.append(node.args[i] if i < len(node.args) else node.kwargs.get(arg.name))
         return out
@@ -163,13 +166,19 @@ def mutated_inputs(gm: torch.fx.GraphModule) -> frozenset[int]:
     return frozenset(hit)
 
 
+def _in_place_name(name: str) -> bool:
+    """``add_``, ``copy_``, ``index_put_``: the in-place spelling (not ``__iadd__``-style dunders)."""
+    return name.endswith("_") and not name.startswith("_")
+
+
+_IN_PLACE_OPERATORS = {operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv,
+                       operator.ifloordiv, operator.imod, operator.ipow, operator.iand, operator.ior,
+                       operator.ixor, operator.ilshift, operator.irshift, operator.imatmul}
 _VIEW_METHODS = {"view", "reshape", "transpose", "permute", "unsqueeze", "squeeze", "narrow", "select",
                  "expand", "flatten", "unflatten", "t", "as_strided", "__getitem__", "contiguous"}
 
 
 def _is_view(node: torch.fx.Node) -> bool:
-    import operator
-
     if node.op == "call_method":
         return node.target in _VIEW_METHODS
     if node.op == "call_function":

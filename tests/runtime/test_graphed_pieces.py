@@ -6,6 +6,7 @@ parity guard are all exercised; the CUDA test at the end captures real CUDA grap
 """
 
 import logging
+import operator
 
 import pytest
 import torch
@@ -335,3 +336,18 @@ def test_mutated_inputs_found():
 
     assert mutated_inputs(torch.fx.symbolic_trace(f)) == {0, 1}
     assert mutated_inputs(torch.fx.symbolic_trace(lambda a, b: (a * 2, b.view(-1)))) == frozenset()
+
+    def g(a, c, d):
+        torch.add(c, 1, out=d)  # out=
+        return a
+
+    assert mutated_inputs(torch.fx.symbolic_trace(g)) == {2}
+    # as Dynamo records them: x[0] = 1.0 through a view (operator.setitem), torch.Tensor.mul_(y, 2),
+    # w += 1 (operator.iadd)
+    graph = torch.fx.Graph()
+    x, y, w, z = (graph.placeholder(n) for n in "xywz")
+    graph.call_function(operator.setitem, (graph.call_method("view", (x, -1)), 0, 1.0))
+    graph.call_function(torch.Tensor.mul_, (y, 2))
+    graph.call_function(operator.iadd, (w, 1))
+    graph.output(z)
+    assert mutated_inputs(torch.fx.GraphModule(torch.nn.Module(), graph)) == {0, 1, 2}
